@@ -1,0 +1,157 @@
+"""One parametrized walk over every registry layer: its twin against the native layer, case by case."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer import layers
+from trainer.audit import as_function, backward_node_names, gradcheck_case, prepare, saved_bytes_in_model
+
+CASES = [(spec, case) for spec in layers.specs() for case in spec.cases()]
+IDS = [f"{spec.name}:{case.id}" for spec, case in CASES]
+GRADCHECK = [(s, c) for s, c in CASES if c.gradcheck]
+GRADCHECK_IDS = [f"{s.name}:{c.id}" for s, c in GRADCHECK]
+
+
+def tolerance(spec, dtype) -> dict:
+    """custom-functions.md section 7: assert_close defaults, looser for reductions."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-7, atol=1e-7) if not spec.reduction else dict(rtol=1e-6, atol=1e-6)
+    if dtype == torch.float32:
+        return dict(rtol=1.3e-6, atol=1e-5) if not spec.reduction else dict(rtol=1e-5, atol=1e-5)
+    return dict(rtol=1.6e-2, atol=1e-2) if not spec.reduction else dict(rtol=5e-2, atol=2e-2)
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a tensor whose last dimension has stride 2."""
+    if t.dim() == 0 or t.numel() == 0:
+        return t
+    base = torch.zeros(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
+    view = base[..., ::2]
+    view.copy_(t.detach())
+    assert not view.is_contiguous()
+    return view.requires_grad_(t.requires_grad)
+
+
+def run(spec, case, dtype, impl, *, transform=lambda t: t, grad_out=None, wants=None):
+    """Forward and backward of one impl: (output, grads of every differentiable input and param, node names)."""
+    module, inputs = prepare(spec, case, dtype, impl)
+    inputs = tuple(transform(t) for t in inputs)
+    fn, args = as_function(module, inputs, seed=1)
+    if wants is not None:
+        args = tuple(a.detach().requires_grad_(i in wants) for i, a in enumerate(args))
+    out = fn(*args)
+    g = grad_out(out) if grad_out else torch.randn(out.shape, dtype=out.dtype,
+                                                   generator=torch.Generator().manual_seed(2))
+    need = [a for a in args if a.requires_grad]
+    grads = torch.autograd.grad(out, need, g, allow_unused=True) if need and out.requires_grad else ()
+    return out, grads, backward_node_names(out), type(module)
+
+
+def assert_same(spec, case, dtype, **kw):
+    out_n, grads_n, nodes_n, _ = run(spec, case, dtype, "native", **kw)
+    out_c, grads_c, nodes_c, cls = run(spec, case, dtype, "custom", **kw)
+    tol = tolerance(spec, dtype)
+    torch.testing.assert_close(out_c, out_n, equal_nan=True, **tol, msg=lambda m: f"output: {m}")
+    assert len(grads_c) == len(grads_n)
+    for i, (gc, gn) in enumerate(zip(grads_c, grads_n)):
+        torch.testing.assert_close(gc, gn, equal_nan=True, **tol, msg=lambda m: f"grad {i}: {m}")
+    if out_c.requires_grad:  # proof the custom path ran, and only in the custom model
+        node = f"{cls.function.__name__}Backward"
+        assert node in nodes_c and node not in nodes_n
+
+
+@pytest.mark.parametrize("spec,case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_parity_with_native(spec, case, dtype):
+    assert_same(spec, case, dtype)
+
+
+@pytest.mark.parametrize("spec,case", CASES, ids=IDS)
+def test_parity_noncontiguous_input_and_grad_output(spec, case):
+    assert_same(spec, case, torch.float64, transform=noncontiguous,
+                grad_out=lambda out: noncontiguous(torch.randn(out.shape, dtype=out.dtype)))
+
+
+@pytest.mark.parametrize("spec,case", CASES, ids=IDS)
+def test_parity_stride0_grad_output(spec, case):
+    assert_same(spec, case, torch.float64, grad_out=lambda out: torch.tensor(0.7, dtype=out.dtype).expand(out.shape))
+
+
+@pytest.mark.parametrize("spec,case", CASES, ids=IDS)
+def test_parity_when_only_some_inputs_need_grad(spec, case):
+    module, inputs = prepare(spec, case)
+    _, args = as_function(module, inputs)
+    for i in range(len(args)):
+        assert_same(spec, case, torch.float64, wants={i})
+
+
+@pytest.mark.parametrize("spec,case", GRADCHECK, ids=GRADCHECK_IDS)
+def test_gradcheck(spec, case):
+    failed = [r for r in gradcheck_case(spec, case) if not r.ok]
+    assert not failed, "\n".join(f"{r.check}: {r.message}" for r in failed)
+
+
+@pytest.mark.parametrize("spec,case", CASES, ids=IDS)
+def test_saves_no_more_than_native_inside_a_model(spec, case):
+    custom = saved_bytes_in_model(spec, case, "custom")
+    native = saved_bytes_in_model(spec, case, "native")
+    assert custom <= native, f"custom saves {custom} bytes, native {native}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,case", GRADCHECK, ids=GRADCHECK_IDS)
+def test_compiled_fullgraph_matches_eager(spec, case, monkeypatch):
+    if not spec.compile:
+        pytest.skip(f"{spec.name} is declared not to compile")
+    import torch._dynamo
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # same dropout masks as eager
+    torch._dynamo.reset()
+    module, inputs = prepare(spec, case, torch.float32, "custom")
+    eager_fn, args = as_function(module, inputs, seed=1)
+    compiled = torch.compile(module, fullgraph=True)
+
+    torch.manual_seed(1)
+    out_c = compiled(*inputs)
+    grads_c = torch.autograd.grad(out_c.sum(), args)
+    out_e = eager_fn(*args)
+    grads_e = torch.autograd.grad(out_e.sum(), args)
+    torch.testing.assert_close(out_c, out_e, **tolerance(spec, torch.float32))
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, **tolerance(spec, torch.float32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,case", GRADCHECK, ids=GRADCHECK_IDS)
+def test_jacrev_matches_native(spec, case):
+    if not spec.vmap:
+        pytest.skip(f"{spec.name} is declared not to support vmap")
+    jacobians = {}
+    for impl in layers.IMPLS:
+        module, inputs = prepare(spec, case, torch.float64, impl)
+        fn, args = as_function(module, inputs, seed=1)
+        jacobians[impl] = torch.func.jacrev(fn, argnums=tuple(range(len(args))))(*args)
+    for jc, jn in zip(jacobians["custom"], jacobians["native"]):
+        torch.testing.assert_close(jc, jn, **tolerance(spec, torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,case", GRADCHECK, ids=GRADCHECK_IDS)
+def test_autocast_bf16_dtypes_match_native(spec, case):
+    seen = {}
+    for impl in layers.IMPLS:
+        module, inputs = prepare(spec, case, torch.float32, impl)
+        fn, args = as_function(module, inputs, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*args)
+        grads = torch.autograd.grad(out.float().sum(), args, allow_unused=True)
+        seen[impl] = (out, grads)
+    (out_n, grads_n), (out_c, grads_c) = seen["native"], seen["custom"]
+    assert out_c.dtype == out_n.dtype
+    torch.testing.assert_close(out_c.float(), out_n.float(), **tolerance(spec, torch.bfloat16))
+    for gc, gn in zip(grads_c, grads_n):
+        assert (gc is None) == (gn is None)
+        if gc is not None:
+            assert gc.dtype == gn.dtype
+            torch.testing.assert_close(gc.float(), gn.float(), **tolerance(spec, torch.bfloat16))

@@ -1,0 +1,149 @@
+"""Checks of the twins themselves: gradcheck/gradgradcheck in float64, saved bytes, proof the custom path ran."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer import layers
+from trainer.layers import Case, LayerSpec
+
+
+@dataclass
+class CheckResult:
+    layer: str
+    case: str
+    check: str          # "gradcheck" | "gradgradcheck" | "once_differentiable"
+    ok: bool
+    seconds: float
+    message: str = ""
+
+
+def prepare(spec: LayerSpec, case: Case, dtype: torch.dtype = torch.float64, impl: str = "native",
+            seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The case's module (same weights for every impl, given the seed) and fresh inputs that require grad."""
+    torch.manual_seed(seed)
+    module = case.module().to(dtype).train(case.train)
+    layers.swap(module, {spec.name: impl})
+    gen = torch.Generator().manual_seed(seed)
+    inputs = tuple(
+        t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in case.inputs(gen)
+    )
+    return module, inputs
+
+
+def as_function(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int = 0
+                ) -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
+    """``module(*inputs)`` as a function of its floating inputs and trainable parameters.
+
+    The RNG is reseeded on each call, so a random layer (dropout) draws the same mask
+    every time and finite differences mean something.
+    """
+    diff = [i for i, t in enumerate(inputs) if t.is_floating_point() and t.requires_grad]
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+
+    def fn(*args: torch.Tensor) -> torch.Tensor:
+        xs = list(inputs)
+        for j, i in enumerate(diff):
+            xs[i] = args[j]
+        params = dict(zip(names, args[len(diff):]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.func.functional_call(module, params, tuple(xs))
+
+    args = tuple(inputs[i] for i in diff) + tuple(dict(module.named_parameters())[n] for n in names)
+    return fn, args
+
+
+def gradcheck_case(spec: LayerSpec, case: Case) -> list[CheckResult]:
+    """``gradcheck`` and ``gradgradcheck`` (contiguous and non-contiguous grad_outputs) in float64.
+
+    Slow mode up to 64 input elements, ``fast_mode`` above; ``check_batched_grad`` when
+    the twin supports vmap; ``check_forward_ad`` when its Function defines ``jvp``. A twin
+    declared once-differentiable must instead raise on double backward.
+    """
+    module, inputs = prepare(spec, case, torch.float64, "custom")
+    fn, args = as_function(module, inputs)
+    fast = sum(a.numel() for a in args) > 64
+    forward_ad = "jvp" in vars(type(module).function)
+    results = []
+
+    def run(check: str, call: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        try:
+            call()
+            ok, message = True, ""
+        except Exception as e:  # gradcheck raises GradcheckError (a RuntimeError) with the Jacobians
+            ok, message = False, f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+        results.append(CheckResult(spec.name, case.id, check, ok, time.perf_counter() - start, message))
+
+    run("gradcheck", lambda: torch.autograd.gradcheck(
+        fn, args, fast_mode=fast, check_batched_grad=spec.vmap, check_grad_dtypes=True,
+        check_forward_ad=forward_ad))
+    if spec.double_backward:
+        for non_contig in (False, True):
+            run("gradgradcheck" + ("-noncontig" if non_contig else ""), lambda: torch.autograd.gradgradcheck(
+                fn, args, fast_mode=fast, check_batched_grad=spec.vmap, check_grad_dtypes=True,
+                gen_non_contig_grad_outputs=non_contig))
+    else:
+        run("once_differentiable", lambda: _double_backward_raises(fn, args))
+    return results
+
+
+def _double_backward_raises(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> None:
+    out = fn(*args)
+    grads = torch.autograd.grad(out, args, torch.randn_like(out), create_graph=True, allow_unused=True)
+    total = sum(g.sum() for g in grads if g is not None)
+    try:
+        total.backward()
+    except RuntimeError:
+        return
+    raise AssertionError("declared once-differentiable, but double backward did not raise")
+
+
+def gradcheck_layers(names: list[str] | None = None) -> list[CheckResult]:
+    """gradcheck every case of the named layers (all of them by default)."""
+    specs = [layers.get(n) for n in names] if names else layers.specs()
+    return [r for spec in specs for case in spec.cases() if case.gradcheck for r in gradcheck_case(spec, case)]
+
+
+def backward_node_names(output: torch.Tensor) -> set[str]:
+    """The class names of every node in ``output``'s backward graph (``ReLUFunctionBackward``, ...)."""
+    seen, todo, names = set(), [output.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def saved_bytes_in_model(spec: LayerSpec, case: Case, impl: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the distinct storages autograd saves for ``pre -> layer -> post``.
+
+    ``pre`` and ``post`` multiply by a scalar parameter, so, like the Linear layers around
+    an activation in a real model, ``post`` keeps the layer's output alive anyway. Each
+    storage counts once; parameters, buffers and the model's input are left out.
+    """
+    module, inputs = prepare(spec, case, dtype, impl)
+    a = torch.tensor(1.5, dtype=dtype, requires_grad=True)
+    b = torch.tensor(0.5, dtype=dtype, requires_grad=True)
+    excluded = {t.untyped_storage().data_ptr() for t in (*inputs, *module.parameters(), *module.buffers(), a, b)}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.random.fork_rng(devices=[]):
+        first = inputs[0] * a if inputs[0].is_floating_point() else inputs[0]
+        out = module(first, *inputs[1:])
+        (out * b).sum()
+    return sum(storages.values())
