@@ -1,0 +1,152 @@
+"""The ``trainer`` command: run, config, layers, gradcheck (and compare)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from collections.abc import Sequence
+
+from trainer.errors import ConfigError
+
+EXAMPLES = "examples: trainer run configs/quickstart.yaml optimizer.lr=0.1 | trainer layers | trainer gradcheck relu"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one `error:` line and exit 2, like every other user error
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def split_values(text: str) -> list[str]:
+    """``0.1,0.01`` -> two values; commas inside [] or {} stay (``[64,64],[32]``)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
+def sweep_overrides(sweep: Sequence[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x,y"]`` -> the cartesian product as override lists."""
+    axes = []
+    for item in sweep:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(item, "bad --sweep item", suggestion="write key=value1,value2, e.g. optimizer.lr=0.1,0.01")
+        axes.append([f"{key}={v}" for v in split_values(values)])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    if args.resume and args.sweep:
+        raise ConfigError("--resume", "cannot be combined with --sweep", suggestion="resume one run at a time")
+    configs = [load_config(args.config, [*args.overrides, *combo]) for combo in sweep_overrides(args.sweep)]
+    trainers = [Trainer(configs[0], resume=args.resume)] if len(configs) == 1 else None
+    for i, cfg in enumerate(configs):
+        trainer = trainers[0] if trainers else Trainer(cfg)
+        result = trainer.fit()
+        if trainer.env.main:
+            shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items()))
+            print(f"{result.run_dir}  step={result.step}  {shown}", flush=True)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+
+    sys.stdout.write(load_config(args.config, args.overrides).to_yaml())
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from trainer import layers
+    from trainer.audit import saved_bytes_in_model
+
+    rows = []
+    for spec in layers.specs():
+        case = spec.cases()[0] if spec.cases() else None
+        per_elem = "-"
+        if case is not None:
+            numel = case.inputs(__import__("torch").Generator().manual_seed(0))[0].numel()
+            c, n = (saved_bytes_in_model(spec, case, impl) / numel for impl in ("custom", "native"))
+            per_elem = f"{c:.3g} / {n:.3g}"
+        natives = ", ".join(n.__name__ for n, _ in spec.pairs)
+        customs = ", ".join(c.__name__ for _, c in spec.pairs)
+        yes = {True: "yes", False: "no"}
+        rows.append([spec.name, natives, customs, spec.saves or "-", per_elem, yes[spec.double_backward],
+                     yes[spec.vmap], yes[spec.compile]])
+    print(table(rows, ["layer", "native", "custom", "custom saves", "B/elem custom / native",
+                       "double bwd", "vmap", "compile"]))
+    return 0
+
+
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    from trainer import layers
+    from trainer.audit import gradcheck_layers
+
+    for name in args.layers:
+        layers.get(name, "LAYER")
+    results = gradcheck_layers(args.layers or None)
+    rows = [[r.layer, r.case, r.check, "ok" if r.ok else "FAIL", f"{r.seconds * 1000:.0f} ms", r.message]
+            for r in results]
+    print(table(rows, ["layer", "case", "check", "result", "time", "detail"]))
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="trainer", description="Config-driven PyTorch training with hand-written autograd twins.",
+               epilog=EXAMPLES)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = sub.add_parser("run", help="train; writes <log.dir>/<name>/version_<N>/")
+    run.add_argument("config", help="a YAML config file")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=0.1")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue that run from its last checkpoint, in place")
+    run.add_argument("--sweep", nargs="+", default=[], metavar="KEY=V1,V2",
+                     help="one run per combination of the listed values (cartesian product)")
+    run.set_defaults(fn=cmd_run)
+    cfg = sub.add_parser("config", help="print the fully resolved config as YAML")
+    cfg.add_argument("config")
+    cfg.add_argument("overrides", nargs="*")
+    cfg.set_defaults(fn=cmd_config)
+    lay = sub.add_parser("layers", help="the layer registry as a table")
+    lay.set_defaults(fn=cmd_layers)
+    gc = sub.add_parser("gradcheck", help="gradcheck/gradgradcheck (float64) of the custom twins")
+    gc.add_argument("layers", nargs="*", metavar="LAYER", help="layer names (default: all)")
+    gc.set_defaults(fn=cmd_gradcheck)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from trainer.loop import Interrupted, NonFiniteLoss
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("error: interrupted twice; stopped without saving", file=sys.stderr)
+        return 130

@@ -1,0 +1,390 @@
+"""YAML in, typed dataclasses out: overrides, strict validation, and the resolved config as YAML.
+
+A config is read with ``yaml.safe_load`` only, dotted ``key=value`` overrides are applied
+(values parsed as YAML scalars), the ``imports:`` modules are imported so user code can
+register components, and then every key is checked: unknown keys at any depth, wrong
+types, unknown registry names and keyword arguments a component does not take are each
+a ``ConfigError`` naming the dotted path and the closest valid names.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import inspect
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.errors import ConfigError
+
+
+@dataclass
+class Component:
+    """A section that picks a registry entry by ``name``; its other keys are that entry's kwargs."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.kwargs}
+
+
+@dataclass
+class DataConfig(Component):
+    """``data:``: a dataset entry plus how it is batched."""
+
+    batch_size: int = 64            # per process under DDP
+    shuffle: bool = True            # reshuffle the training set every epoch (seeded)
+    drop_last: bool = False         # drop the last, smaller training batch of each epoch
+    num_workers: int = 0            # DataLoader worker processes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "drop_last": self.drop_last, "num_workers": self.num_workers, **self.kwargs}
+
+
+@dataclass
+class TrainConfig:
+    """``train:``: when to stop and how each optimizer step is made."""
+
+    max_epochs: int | None = 5          # stop after this many epochs (null: no limit)
+    max_steps: int | None = None        # stop after this many optimizer steps (null: no limit)
+    accumulate: int = 1                 # micro-batches per optimizer step (gradient accumulation)
+    clip_grad_norm: float | None = None  # clip the total grad norm to this (null: no clipping)
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    precision: str = "32"               # 32 | bf16 | 16 (16 needs CUDA: autocast + GradScaler)
+    compile: bool = False               # torch.compile the model (twins included)
+    val_every: int | None = None        # validate every N steps (null: at the end of each epoch)
+    checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch end and at the end)
+    skip_nonfinite: bool = False        # skip (and count) steps whose loss is NaN/inf instead of stopping
+
+
+@dataclass
+class LogConfig:
+    """``log:``: where runs go and how often they are logged."""
+
+    dir: str = "runs"                   # runs go to <dir>/<name>/version_<N>/
+    every: int = 50                     # TensorBoard scalars and progress-bar loss every N steps
+    progress: bool | None = None        # tqdm bar; null: only when stdout is a terminal
+    histograms_every: int | None = None  # weight and grad histograms every N steps (null: never)
+    graph: bool = False                 # write the model graph to TensorBoard
+
+
+@dataclass
+class Config:
+    """A whole experiment. Built by ``load_config``; ``to_dict`` gives the resolved YAML form."""
+
+    model: Component
+    loss: Component
+    optimizer: Component
+    data: DataConfig
+    name: str = "experiment"
+    seed: int = 0
+    imports: list[str] = field(default_factory=list)
+    layers: dict[str, str] = field(default_factory=lambda: {"default": "native"})
+    scheduler: Component | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = field(default=None, repr=False)  # the YAML file it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in ORDER:
+            value = getattr(self, name)
+            if isinstance(value, Component):
+                value = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+                out[name] = copy.deepcopy(value)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+ORDER = ("name", "seed", "imports", "model", "layers", "loss", "optimizer", "scheduler", "data", "train", "log")
+SECTIONS = ("model", "loss", "optimizer", "scheduler", "data")
+REQUIRED = ("model", "loss", "optimizer", "data")
+PRECISIONS = ("32", "bf16", "16")
+
+
+def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """Read, override, import, validate and resolve a config.
+
+    Args:
+        source: a YAML file path, or an already-parsed mapping.
+        overrides: dotted ``key=value`` strings (``optimizer.lr=0.1``), values parsed as YAML.
+
+    Returns:
+        The resolved ``Config``: every component's defaults filled in.
+
+    Raises:
+        ConfigError: anything wrong with the file, an override or a value.
+    """
+    if isinstance(source, Mapping):
+        raw, path = copy.deepcopy(dict(source)), None
+    else:
+        path = Path(source)
+        raw = read_yaml(path)
+    for override in overrides:
+        apply_override(raw, override)
+    import_modules(raw.get("imports", []), path)
+    cfg = from_dict(raw)
+    cfg.source = str(path) if path else None
+    return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(str(path), "no such config file", suggestion="check the path; configs/ holds examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(str(path), f"invalid YAML{where}: {problem}",
+                          suggestion="only plain YAML is read (yaml.safe_load): no python tags") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "not a text file", suggestion="a config is a YAML text file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), f"the top level must be a mapping, got {type(raw).__name__}",
+                          suggestion="see configs/quickstart.yaml")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in the raw config, the value parsed as a YAML scalar or flow collection."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(key or override, f"bad override {override!r}",
+                          suggestion="write overrides as dotted.key=value, e.g. optimizer.lr=0.1")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(key, f"cannot parse the value {text!r}",
+                          suggestion="values are YAML: 0.1, true, null, [64, 64], {name: relu}") from None
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"is {child!r}, not a section, so {key} cannot be set",
+                              suggestion=f"override {'.'.join(parts[: i + 1])} itself")
+        node = child
+    node[parts[-1]] = value
+
+
+def import_modules(modules: Any, path: Path | None) -> None:
+    """Import user modules so their ``@register`` decorators run (from the config's folder or the cwd)."""
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError("imports", f"expected a list of module names, got {modules!r}",
+                          suggestion="e.g. imports: [my_layers]")
+    for folder in {str(Path.cwd()), str(path.parent.resolve()) if path else None} - {None}:
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    for i, name in enumerate(modules):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"imports[{i}]", f"cannot import {name!r}: {e}",
+                              suggestion="a module file next to the config or in the current directory, "
+                                         "or an installed package") from None
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Validate a raw mapping into a resolved ``Config`` (no file, no overrides, no imports)."""
+    from trainer import layers  # the registries import torch; keep `trainer config --help` light
+
+    for key in raw:
+        if key not in ORDER:
+            raise ConfigError(str(key), "unknown key", choices=ORDER, given=str(key))
+    for key in REQUIRED:
+        if raw.get(key) is None:
+            raise ConfigError(key, "missing section", suggestion=f"add `{key}: {{name: ...}}`; see configs/quickstart.yaml")
+    values: dict[str, Any] = {}
+    for key in ("name", "seed", "imports"):
+        if key in raw:
+            values[key] = check_type(raw[key], _hint(Config, key), key)
+    for key in SECTIONS:
+        if raw.get(key) is not None:
+            values[key] = component(raw[key], key, DataConfig if key == "data" else Component)
+    values["train"] = section(raw.get("train") or {}, TrainConfig, "train")
+    values["log"] = section(raw.get("log") or {}, LogConfig, "log")
+    mapping = raw.get("layers")
+    values["layers"] = layers.check_mapping({"default": "native"} if mapping is None else mapping)
+    cfg = Config(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks of values and their ranges that types alone cannot express."""
+    t, d, log = cfg.train, cfg.data, cfg.log
+    t.precision = str(t.precision)
+    if t.precision not in PRECISIONS:
+        raise ConfigError("train.precision", f"unknown precision {t.precision!r}", choices=PRECISIONS, given=t.precision)
+    for path, value in [("train.max_epochs", t.max_epochs), ("train.max_steps", t.max_steps),
+                        ("train.accumulate", t.accumulate), ("train.val_every", t.val_every),
+                        ("train.checkpoint_every", t.checkpoint_every), ("data.batch_size", d.batch_size),
+                        ("log.every", log.every), ("log.histograms_every", log.histograms_every)]:
+        if value is not None and value < 1:
+            raise ConfigError(path, f"must be at least 1, got {value}", suggestion="use null for no limit where allowed")
+    if d.num_workers < 0:
+        raise ConfigError("data.num_workers", f"must be 0 or more, got {d.num_workers}")
+    if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
+        raise ConfigError("train.clip_grad_norm", f"must be positive, got {t.clip_grad_norm}",
+                          suggestion="use null for no clipping")
+    if t.max_epochs is None and t.max_steps is None:
+        raise ConfigError("train.max_steps", "both train.max_epochs and train.max_steps are null: the run would never end",
+                          suggestion="set one of them")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:") and t.device[5:].isdigit()):
+        raise ConfigError("train.device", f"unknown device {t.device!r}", choices=("auto", "cpu", "cuda", "cuda:0"),
+                          given=t.device)
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError("name", f"{cfg.name!r} cannot name a run folder", suggestion="use letters, digits, - and _")
+
+
+def section(raw: Any, cls: type, path: str) -> Any:
+    """A plain dataclass section: every key known, every value of its field's type."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(path, f"expected a mapping, got {raw!r}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"{path}.{key}", "unknown key", choices=names, given=str(key))
+        values[key] = check_type(value, _hint(cls, key), f"{path}.{key}")
+    return cls(**values)
+
+
+def component(raw: Any, path: str, cls: type[Component]) -> Component:
+    """A ``{name: ..., **kwargs}`` section checked against its registry entry's signature, defaults filled in."""
+    from trainer import build
+
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping) or "name" not in raw:
+        raise ConfigError(path, f"expected a mapping with a name, got {raw!r}", suggestion=f"e.g. {path}: {{name: ...}}")
+    raw = dict(raw)
+    own = {f.name for f in dataclasses.fields(cls)} - {"name", "kwargs"}
+    fixed = {k: check_type(raw.pop(k), _hint(cls, k), f"{path}.{k}") for k in list(raw) if k in own}
+    name = check_type(raw.pop("name"), str, f"{path}.name")
+    entry = build.registry(path).get(name, f"{path}.name")
+    kwargs = check_kwargs(entry, raw, path, skip=build.INJECTED.get(path, ()), extra=sorted(own))
+    return cls(name=name, kwargs=kwargs, **fixed)
+
+
+def check_kwargs(fn: Any, kwargs: Mapping[str, Any], path: str, skip: Sequence[str] = (),
+                 extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Check ``kwargs`` against ``fn``'s signature and annotations; return them with defaults filled in."""
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
+    except Exception:  # unresolvable annotations in user code: fall back to unchecked values
+        hints = {}
+    params = {n: p for n, p in sig.parameters.items()
+              if n not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    out = {}
+    for key, value in kwargs.items():
+        if key not in params and not takes_any:
+            raise ConfigError(f"{path}.{key}", f"unknown key for {path} {getattr(fn, '__name__', fn)!r}",
+                              choices=[*params, *extra, "name"], given=str(key))
+        out[key] = check_type(value, hints.get(key, Any), f"{path}.{key}")
+    for name, p in params.items():
+        if name in out:
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise ConfigError(f"{path}.{name}", "missing required key",
+                              suggestion=f"set {path}.{name}" + (f" ({_describe(hints[name])})" if name in hints else ""))
+        if _plain(p.default):
+            out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return out
+
+
+def check_type(value: Any, hint: Any, path: str) -> Any:
+    """``value`` if it fits ``hint`` (int -> float and "1e-3" -> float allowed), else a ConfigError."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return check_type(value, option, path)
+            except ConfigError:
+                pass
+        raise ConfigError(path, f"expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(path, f"unknown value {value!r}", choices=[str(a) for a in args], given=str(value))
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple, Sequence) or hint in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            item = args[0] if args else Any
+            return [check_type(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    elif origin in (dict, Mapping) or hint is dict:
+        if isinstance(value, Mapping):
+            vt = args[1] if len(args) == 2 else Any
+            return {k: check_type(v, vt, f"{path}.{k}") for k, v in value.items()}
+    else:
+        return value  # a type we do not model (a tensor, a callable): the component checks it
+    raise ConfigError(path, f"expected {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    if hint in names:
+        return names[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in args)
+    if typing.get_origin(hint) in (list, tuple, Sequence):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plain(value: Any) -> bool:
+    """A default simple enough to show in the resolved YAML."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
+
+
+def _hint(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]

@@ -1,0 +1,45 @@
+"""Data loaders that can resume mid-epoch: a seeded per-epoch order that can skip the batches already seen."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import islice
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from trainer.config import DataConfig
+from trainer.distributed import Env
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (order = seed + epoch, a shard per rank) that can skip its first ``skip`` samples.
+
+    The order of an epoch depends on nothing but (seed, epoch), so a checkpoint needs only
+    the epoch and the number of batches already taken to resume the same sequence.
+    """
+
+    def __init__(self, dataset: Dataset, env: Env, *, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.skip)
+
+
+def loaders(train: Dataset, val: Dataset | None, cfg: DataConfig, env: Env, seed: int
+            ) -> tuple[DataLoader, ResumableSampler, DataLoader | None]:
+    """The training loader (with its sampler, for ``set_epoch``/``skip``) and the validation loader."""
+    sampler = ResumableSampler(train, env, shuffle=cfg.shuffle, seed=seed)
+    pin = env.device.type == "cuda"
+    # A generator of its own keeps each new iterator from drawing on the global RNG (resume stays exact).
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin,
+                  generator=torch.Generator(), persistent_workers=cfg.num_workers > 0)
+    train_loader = DataLoader(train, sampler=sampler, drop_last=cfg.drop_last, **common)
+    val_loader = None
+    if val is not None and len(val):
+        val_sampler = DistributedSampler(val, num_replicas=env.world_size, rank=env.rank, shuffle=False)
+        val_loader = DataLoader(val, sampler=val_sampler, **common)
+    return train_loader, sampler, val_loader

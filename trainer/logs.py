@@ -1,0 +1,81 @@
+"""What a run reports: TensorBoard event files and a tqdm progress bar, both only on rank 0."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+class RunLog:
+    """TensorBoard scalars, text, histograms, graph and hparams, plus the progress bar.
+
+    Everything is a no-op when ``enabled`` is False (ranks other than 0), so the loop
+    calls it unconditionally. Callers pass plain floats: syncing the device is their
+    choice, made at the logging cadence only.
+    """
+
+    def __init__(self, run_dir: Path | None, *, total: int | None, initial: int, progress: bool | None,
+                 enabled: bool = True):
+        self.writer = None
+        if enabled and run_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when a run logs
+            # purge_step drops events a crashed run wrote after its last checkpoint, so a resume has no doubles
+            self.writer = SummaryWriter(str(run_dir), purge_step=initial or None, flush_secs=30)
+        show = sys.stdout.isatty() if progress is None else progress
+        self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stdout, dynamic_ncols=True,
+                        mininterval=0.5, disable=not (enabled and show))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def progress(self, **values: str) -> None:
+        self.bar.set_postfix(values, refresh=False)
+
+    def text(self, tag: str, body: str) -> None:
+        if self.writer is not None:
+            self.writer.add_text(tag, body, 0)
+
+    def histograms(self, step: int, model: nn.Module) -> None:
+        if self.writer is None:
+            return
+        for name, p in model.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+            if p.grad is not None:
+                self.writer.add_histogram(f"grads/{name}", p.grad.detach().float().cpu(), step)
+
+    def graph(self, model: nn.Module, example: torch.Tensor) -> None:
+        if self.writer is not None:
+            self.writer.add_graph(model, example)
+
+    def hparams(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The HParams tab's entry for this run, written into this run's own event file."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+        # metrics name scalar tags this run already logs; the HParams tab shows their last values
+        for summary in hparams(plain, metrics):
+            self.writer._get_file_writer().add_summary(summary)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer": {"lr": 0.1}}`` -> ``{"optimizer.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out

@@ -1,0 +1,348 @@
+"""The Trainer: build from a config, then the plain zero_grad / forward / loss / backward / step loop."""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from itertools import islice
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import default_collate
+
+from trainer import checkpoint, data, distributed
+from trainer.build import build_datasets, build_loss, build_model, build_optimizer, build_scheduler
+from trainer.config import Config, load_config
+from trainer.errors import ConfigError
+from trainer.logs import RunLog, flatten
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: int = 0
+    epoch: int = 0
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss went NaN or infinite; the run stopped and its last good checkpoint is kept."""
+
+    def __init__(self, step: int, value: float):
+        self.step = step
+        super().__init__(f"the loss is {value} at step {step}; stopped, the last good checkpoint is kept "
+                         "(set train.skip_nonfinite: true to skip such steps instead)")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; the current step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains the model a config describes.
+
+    Everything is built and checked in the constructor, so a bad config fails before
+    anything is written; ``fit`` creates the run directory and trains.
+
+    Args:
+        cfg: a ``Config`` (from ``load_config``), a mapping or a YAML path.
+        resume: a run directory to continue from its last checkpoint, in place.
+    """
+
+    def __init__(self, cfg: Config | dict | str | PathLike, *, resume: str | PathLike | None = None):
+        self.cfg = cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
+        t = cfg.train
+        self.env = distributed.setup(t.device)
+        self.device = self.env.device
+        if t.precision == "16" and self.device.type != "cuda":
+            raise ConfigError("train.precision", "float16 training needs CUDA", suggestion="use precision: bf16 on CPU")
+        seed_everything(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.loss_fn = build_loss(cfg).to(self.device)
+        if self.env.distributed:
+            torch.manual_seed(cfg.seed + self.env.rank)  # same initial weights, different dropout per rank
+        train_set, val_set = build_datasets(cfg)
+        self.train_loader, self.sampler, self.val_loader = data.loaders(train_set, val_set, cfg.data, self.env,
+                                                                        cfg.seed)
+        self.batches_per_epoch = len(self.train_loader)
+        if self.batches_per_epoch == 0:
+            raise ConfigError("data.batch_size", f"larger than the {len(train_set)} training samples with drop_last")
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.accumulate)
+        limits = [t.max_steps, t.max_epochs and t.max_epochs * self.steps_per_epoch]
+        self.total_steps = min(n for n in limits if n)
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
+        if self.scheduler is not None and self.scheduler.interval == "metric" and self.val_loader is None:
+            raise ConfigError("scheduler.name", f"{cfg.scheduler.name} watches val/loss, but there is no validation data",
+                              suggestion="give the dataset a val_fraction, or pick another scheduler")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "16")
+        low = {"bf16": torch.bfloat16, "16": torch.float16}.get(t.precision)
+        self.autocast = torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
+        self.check_model_fits_data(train_set)
+        self.ddp = distributed.wrap(self.model, self.env)
+        self.net = torch.compile(self.ddp) if t.compile else self.ddp
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.metrics: dict[str, float] = {}
+        self.run_dir: Path | None = None
+        self._rng: dict[str, Any] | None = None
+        self._signal: int | None = None
+        self._window: list[torch.Tensor] = []
+        self._skipped = self._samples = 0
+        self._validated_at = -1
+        if resume is not None:
+            self.restore(checkpoint.load(resume))
+            self.run_dir = Path(resume)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def train_step(self, batches: list) -> torch.Tensor:
+        """One optimizer step over ``batches`` (K accumulated micro-batches); returns the detached mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.no_sync(last=i == len(batches) - 1):
+                with self.autocast:
+                    loss = self.loss_fn(self.net(x), y)
+                # the mean of K equal micro-batch means is the mean of one K-times-larger batch
+                self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()
+            losses.append(loss.detach())
+            self._samples += len(x)
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        if self.cfg.train.skip_nonfinite and not torch.isfinite(loss):  # a device sync, only in this mode
+            self._skipped += 1
+            return loss
+        if self.cfg.train.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None and self.scheduler.interval == "step":
+            self.scheduler.step()
+        return loss
+
+    def fit(self) -> FitResult:
+        """Train until ``train.max_steps`` or ``train.max_epochs``; validate, log and checkpoint on the way."""
+        cfg, env = self.cfg, self.env
+        fresh = self.run_dir is None
+        if fresh:
+            made = str(checkpoint.create_run_dir(cfg.log.dir, cfg.name)) if env.main else None
+            self.run_dir = Path(distributed.broadcast(made, env))
+            if env.main:
+                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
+                          enabled=env.main)
+        if fresh:
+            self.log.text("config", "```yaml\n" + cfg.to_yaml() + "```")
+        if fresh and cfg.log.graph:
+            self.log.graph(self.model, next(iter(self.train_loader))[0].to(self.device))
+        if self._rng is not None:
+            checkpoint.set_rng_state(self._rng)
+        self._clock = time.perf_counter()
+        try:
+            with self.signals():
+                while not self.finished():
+                    self.train_epoch()
+                self.finish()
+        finally:
+            self.log.close()
+        return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch)
+
+    def train_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip = self.batch_in_epoch * self.cfg.data.batch_size
+        batches = iter(self.train_loader)
+        every = self.cfg.log.every
+        while self.batch_in_epoch < self.batches_per_epoch and not self.finished():
+            group = list(islice(batches, min(self.cfg.train.accumulate, self.batches_per_epoch - self.batch_in_epoch)))
+            self._window.append(self.train_step(group))
+            self.batch_in_epoch += len(group)
+            self.step += 1
+            self.log.bar.update()
+            if self.step % every == 0:
+                self.log_train()
+            self.on_step()
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self.scheduler is not None and self.scheduler.interval == "epoch":
+                self.scheduler.step()
+            if self.cfg.train.val_every is None:
+                self.validate()
+            if not self.finished():
+                self.save()
+
+    def on_step(self) -> None:
+        """Cadenced work after each step: validation, checkpoints, histograms, interrupts."""
+        t, log, step = self.cfg.train, self.cfg.log, self.step
+        if t.val_every and step % t.val_every == 0:
+            self.validate()
+        if t.checkpoint_every and step % t.checkpoint_every == 0:
+            self.save()
+        if log.histograms_every and step % log.histograms_every == 0:
+            self.log.histograms(step, self.model)
+        # under DDP every rank must agree to stop at the same step, so they vote at the log cadence
+        if not self.env.distributed or step % log.every == 0:
+            if distributed.any_rank(self._signal is not None, self.env):
+                self.save()
+                raise Interrupted(self._signal or signal.SIGTERM)
+
+    def finished(self) -> bool:
+        t = self.cfg.train
+        return bool(t.max_steps and self.step >= t.max_steps or t.max_epochs and self.epoch >= t.max_epochs)
+
+    def finish(self) -> None:
+        if self.val_loader is not None and self._validated_at != self.step:
+            self.validate()
+        self.save()
+        self.log.hparams(flatten(self.cfg.to_dict()), self.metrics)
+
+    # --- measuring ------------------------------------------------------------------------
+
+    def log_train(self) -> None:
+        """Sync once for the steps since the last call: check they were finite, log their mean loss."""
+        if not self._window:
+            return
+        losses = torch.stack(self._window).float()
+        first = self.step - len(losses) + 1
+        self._window = []
+        finite = torch.isfinite(losses)
+        if not self.cfg.train.skip_nonfinite and not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise NonFiniteLoss(first + bad, float(losses[bad]))
+        sums = distributed.all_sum(torch.stack([losses[finite].sum(), finite.sum()]).to(self.device), self.env)
+        mean = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+        now = time.perf_counter()
+        speed = self._samples * self.env.world_size / max(now - self._clock, 1e-9)
+        self._samples, self._clock = 0, now
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))\
+            if grads else 0.0
+        lr = self.optimizer.param_groups[0]["lr"]
+        values = {"train/loss": mean, "train/lr": lr, "train/grad_norm": norm, "train/samples_per_sec": speed}
+        if self.cfg.train.skip_nonfinite:
+            values["train/skipped_steps"] = self._skipped
+        self.log.scalars(self.step, values)
+        self.log.progress(loss=f"{mean:.4g}", lr=f"{lr:.3g}", samples_per_s=f"{speed:.0f}")
+        self.metrics["train/loss"] = mean
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """``val/loss`` (mean over samples) and, for class-index targets, ``val/accuracy``."""
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        classes = False
+        for x, y in self.val_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast:
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+            totals[0] += loss.double() * len(x)
+            totals[2] += len(x)
+            if out.dim() >= 2 and out.shape[1] > 1 and not y.is_floating_point():
+                classes = True
+                totals[1] += (out.argmax(1) == y).sum()
+        self.model.train()
+        totals = distributed.all_sum(totals, self.env)
+        out = {"val/loss": float(totals[0] / totals[2])}
+        if classes:
+            out["val/accuracy"] = float(totals[1] / totals[2])
+        return out
+
+    def validate(self) -> None:
+        if self.val_loader is None:
+            return
+        values = self.evaluate()
+        self.log.scalars(self.step, values)
+        self.metrics.update(values)
+        self._validated_at = self.step
+        if self.scheduler is not None and self.scheduler.interval == "metric":
+            self.scheduler.step(values["val/loss"])
+
+    # --- state ----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Checkpoint to ``checkpoints/last.pt`` (rank 0), after checking the steps since the last log were finite."""
+        self.log_train()
+        if not self.env.main:
+            return
+        checkpoint.save(self.run_dir / "checkpoints" / checkpoint.LAST, {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": checkpoint.rng_state(),
+            "metrics": dict(self.metrics),
+            "config": self.cfg.to_dict(),
+        })
+
+    def restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError("--resume", f"the checkpoint does not fit this config: {str(e).strip().splitlines()[0]}",
+                              suggestion="resume with the config the run was started with (its config.yaml)") from None
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.metrics = dict(state.get("metrics", {}))
+        self._rng = state["rng"]
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def no_sync(self, last: bool):
+        """DDP's no_sync on all but the last micro-batch, so gradients are all-reduced once per step."""
+        return self.ddp.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def signals(self):
+        """SIGINT/SIGTERM finish the current step, save and stop; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt
+            self._signal = signum
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def check_model_fits_data(self, train_set) -> None:
+        """Run two samples through model and loss, so a shape mismatch is a config error, not a crash mid-run."""
+        x, y = default_collate([train_set[i] for i in range(min(2, len(train_set)))])
+        self.model.eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*target size.*")
+                self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
+        except Exception as e:
+            raise ConfigError("model", f"the model and loss do not fit the data: {str(e).strip().splitlines()[0]}",
+                              suggestion="check the model's in/out sizes against the dataset and the loss") from None
+        finally:
+            self.model.train()

@@ -1,0 +1,90 @@
+"""The LR scheduler registry. Each scheduler carries ``interval``: stepped per "step", per "epoch" or per "metric"."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch.optim import lr_scheduler
+
+from trainer.errors import ConfigError
+from trainer.registry import Registry
+
+REGISTRY: Registry = Registry("scheduler")
+register = REGISTRY.register
+get = REGISTRY.get
+names = REGISTRY.names
+
+# Arguments the trainer passes itself; a config cannot set them.
+INJECTED = ("optimizer", "total_steps", "steps_per_epoch")
+
+
+def _every(scheduler, interval: str):
+    scheduler.interval = interval
+    return scheduler
+
+
+def _length(total_steps: int | None, name: str) -> int:
+    if total_steps is None:
+        raise ConfigError("name", f"{name} needs to know the run's length",
+                          suggestion="set train.max_steps or train.max_epochs")
+    return total_steps
+
+
+@register("step")
+def step(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
+         step_size: int = 30, gamma: float = 0.1):
+    """Multiply the LR by ``gamma`` every ``step_size`` epochs."""
+    return _every(lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
+
+
+@register("multistep")
+def multistep(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
+              milestones: list[int] = (30, 60), gamma: float = 0.1):
+    """Multiply the LR by ``gamma`` at each epoch in ``milestones``."""
+    return _every(lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma), "epoch")
+
+
+@register("cosine")
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
+           warmup_steps: int = 0, min_lr: float = 0.0):
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr`` at the last step; per step."""
+    total = _length(total_steps, "cosine")
+    if warmup_steps < 0:
+        raise ConfigError("warmup_steps", f"must be 0 or more, got {warmup_steps}")
+
+    def factor(base: float):
+        def f(i: int) -> float:
+            if i < warmup_steps:
+                return (i + 1) / warmup_steps
+            t = min(1.0, (i - warmup_steps) / max(1, total - warmup_steps))
+            return (min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))) / base
+        return f
+
+    return _every(lr_scheduler.LambdaLR(optimizer, [factor(g["lr"]) for g in optimizer.param_groups]), "step")
+
+
+@register("onecycle")
+def onecycle(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
+             max_lr: float = 0.1, pct_start: float = 0.3, anneal_strategy: Literal["cos", "linear"] = "cos",
+             div_factor: float = 25.0, final_div_factor: float = 1e4):
+    """The 1cycle policy over the whole run; per step."""
+    total = _length(total_steps, "onecycle")
+    return _every(lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start,
+                                          anneal_strategy=anneal_strategy, div_factor=div_factor,
+                                          final_div_factor=final_div_factor), "step")
+
+
+@register("plateau")
+def plateau(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
+            monitor: Literal["val/loss", "train/loss"] = "val/loss", mode: Literal["min", "max"] = "min",
+            factor: float = 0.1, patience: int = 10, threshold: float = 1e-4, min_lr: float = 0.0):
+    """Cut the LR by ``factor`` when ``monitor`` stalls for ``patience`` checks.
+
+    Stepped after each validation for ``val/loss``, at each epoch end for ``train/loss``
+    (that epoch's mean).
+    """
+    s = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience,
+                                       threshold=threshold, min_lr=min_lr)
+    s.monitor = monitor
+    return _every(s, "metric")
