@@ -103,7 +103,7 @@ class Config:
                 value = value.to_dict()
             elif dataclasses.is_dataclass(value):
                 value = dataclasses.asdict(value)
-                out[name] = copy.deepcopy(value)
+            out[name] = copy.deepcopy(value)
         return out
 
     def to_yaml(self) -> str:
