@@ -18,9 +18,11 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "silu", "mish", "softplus", 
 
 def activation_module(name: str) -> nn.Module:
     """A fresh native activation module from the layer registry, by name (``relu``)."""
-    spec = layers.get(name, "activation")
+    if name not in layers.names():
+        raise ConfigError("activation", f"unknown activation {name!r}", choices=ACTIVATIONS, given=name,
+                          hint="any layer-registry name whose module takes no arguments works")
     try:
-        return spec.native()
+        return layers.get(name).native()
     except TypeError:
         raise ConfigError("activation", f"layer {name!r} needs constructor arguments, so it is no activation",
                           choices=ACTIVATIONS, given=name) from None

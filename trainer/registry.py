@@ -9,6 +9,10 @@ from trainer.errors import ConfigError
 T = TypeVar("T")
 
 
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 class Registry(Generic[T]):
     """Maps snake_case names (matching torch's, e.g. ``adamw``) to components.
 
@@ -38,7 +42,7 @@ class Registry(Generic[T]):
         if not isinstance(name, str) or name not in self._entries:
             raise ConfigError(
                 path, f"unknown {self.kind} {name!r}", choices=self._entries, given=str(name),
-                hint=f"a {self.kind} of your own must be registered by a module listed under `imports:`")
+                hint=f"{article(self.kind)} {self.kind} of your own must be registered by a module listed under `imports:`")
         return self._entries[name]
 
     def names(self) -> list[str]:

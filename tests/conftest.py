@@ -1,0 +1,29 @@
+"""Shared helpers: configs in a temporary run folder, and running the real `trainer` command."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture
+def quick(tmp_path):
+    """``quick(*overrides)``: the quickstart config, logging under tmp_path, no progress bar."""
+    from trainer import load_config
+
+    def make(*overrides: str, source=QUICKSTART):
+        return load_config(source, [f"log.dir={tmp_path / 'runs'}", "log.progress=false", *overrides])
+    return make
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``python -m trainer ARGS`` in a real subprocess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
