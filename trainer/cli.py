@@ -72,10 +72,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_user_modules(args: argparse.Namespace) -> None:
+    from trainer.config import import_modules
+
+    import_modules(args.imports)
+
+
 def cmd_layers(args: argparse.Namespace) -> int:
     from trainer import layers
     from trainer.audit import saved_bytes_in_model
 
+    import_user_modules(args)
     rows = []
     for spec in layers.specs():
         case = spec.cases()[0] if spec.cases() else None
@@ -98,6 +105,7 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     from trainer import layers
     from trainer.audit import gradcheck_layers
 
+    import_user_modules(args)
     for name in args.layers:
         layers.get(name, "LAYER")
     results = gradcheck_layers(args.layers or None)
@@ -109,7 +117,8 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for help) and each command's parser."""
     p = Parser(prog="trainer", description="Config-driven PyTorch training with hand-written autograd twins.",
                epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -125,15 +134,22 @@ def parser() -> argparse.ArgumentParser:
     cfg.add_argument("overrides", nargs="*")
     cfg.set_defaults(fn=cmd_config)
     lay = sub.add_parser("layers", help="the layer registry as a table")
+    lay.add_argument("--imports", nargs="+", default=[], metavar="MODULE", help="modules that register layers")
     lay.set_defaults(fn=cmd_layers)
     gc = sub.add_parser("gradcheck", help="gradcheck/gradgradcheck (float64) of the custom twins")
     gc.add_argument("layers", nargs="*", metavar="LAYER", help="layer names (default: all)")
+    gc.add_argument("--imports", nargs="+", default=[], metavar="MODULE", help="modules that register layers")
     gc.set_defaults(fn=cmd_gradcheck)
-    return p
+    return p, sub.choices
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top, commands = parser()
+    if argv and argv[0] in commands:  # options and key=value overrides may come in any order
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = top.parse_args(argv)
     from trainer.loop import Interrupted, NonFiniteLoss
 
     try:

@@ -136,7 +136,7 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
         raw = read_yaml(path)
     for override in overrides:
         apply_override(raw, override)
-    import_modules(raw.get("imports", []), path)
+    import_modules(raw.get("imports", []), path.parent if path else None)
     cfg = from_dict(raw)
     cfg.source = str(path) if path else None
     return cfg
@@ -188,14 +188,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def import_modules(modules: Any, path: Path | None) -> None:
-    """Import user modules so their ``@register`` decorators run (from the config's folder or the cwd)."""
+def import_modules(modules: Any, folder: Path | None = None) -> None:
+    """Import user modules so their ``@register`` decorators run (from ``folder``, the config's, or the cwd)."""
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise ConfigError("imports", f"expected a list of module names, got {modules!r}",
                           suggestion="e.g. imports: [my_layers]")
-    for folder in {str(Path.cwd()), str(path.parent.resolve()) if path else None} - {None}:
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+    for place in {str(Path.cwd()), str(folder.resolve()) if folder else None} - {None}:
+        if place not in sys.path:
+            sys.path.insert(0, place)
     for i, name in enumerate(modules):
         try:
             importlib.import_module(name)

@@ -56,6 +56,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def grad_norm(model: torch.nn.Module) -> float:
+    """The 2-norm of all parameter grads together (one sync)."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
 class Trainer:
     """Trains the model a config describes.
 
@@ -209,6 +215,7 @@ class Trainer:
         return bool(t.max_steps and self.step >= t.max_steps or t.max_epochs and self.epoch >= t.max_epochs)
 
     def finish(self) -> None:
+        self.log_train()  # the last steps, even off the cadence
         if self.val_loader is not None and self._validated_at != self.step:
             self.validate()
         self.save()
@@ -216,25 +223,28 @@ class Trainer:
 
     # --- measuring ------------------------------------------------------------------------
 
-    def log_train(self) -> None:
-        """Sync once for the steps since the last call: check they were finite, log their mean loss."""
-        if not self._window:
-            return
-        losses = torch.stack(self._window).float()
-        first = self.step - len(losses) + 1
-        self._window = []
+    def check_finite(self) -> torch.Tensor:
+        """The losses since the last log, after one sync; NonFiniteLoss names the first bad step."""
+        losses = torch.stack(self._window).float() if self._window else torch.zeros(0)
         finite = torch.isfinite(losses)
         if not self.cfg.train.skip_nonfinite and not bool(finite.all()):
             bad = int((~finite).nonzero()[0])
-            raise NonFiniteLoss(first + bad, float(losses[bad]))
+            raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
+        return losses
+
+    def log_train(self) -> None:
+        """Log the mean loss of the steps since the last call (and lr, grad norm, speed): one sync."""
+        if not self._window:
+            return
+        losses = self.check_finite()
+        self._window = []
+        finite = torch.isfinite(losses)
         sums = distributed.all_sum(torch.stack([losses[finite].sum(), finite.sum()]).to(self.device), self.env)
         mean = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
         now = time.perf_counter()
         speed = self._samples * self.env.world_size / max(now - self._clock, 1e-9)
         self._samples, self._clock = 0, now
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))\
-            if grads else 0.0
+        norm = grad_norm(self.model)
         lr = self.optimizer.param_groups[0]["lr"]
         values = {"train/loss": mean, "train/lr": lr, "train/grad_norm": norm, "train/samples_per_sec": speed}
         if self.cfg.train.skip_nonfinite:
@@ -280,7 +290,7 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint to ``checkpoints/last.pt`` (rank 0), after checking the steps since the last log were finite."""
-        self.log_train()
+        self.check_finite()
         if not self.env.main:
             return
         checkpoint.save(self.run_dir / "checkpoints" / checkpoint.LAST, {
