@@ -1,0 +1,71 @@
+"""Built-in datasets: shapes, seeded splits, and tensor_file's three formats."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import ConfigError, datasets
+
+
+def test_regression_split_is_seeded_and_disjoint():
+    a, b = datasets.regression(seed=3), datasets.regression(seed=3)
+    xa, ya = a["train"].tensors
+    assert xa.shape == (820, 10) and ya.shape == (820, 1)
+    assert torch.equal(xa, b["train"].tensors[0])
+    assert len(a["val"]) == 204
+    assert not torch.equal(xa, datasets.regression(seed=4)["train"].tensors[0])
+    assert "val" not in datasets.regression(val_fraction=0.0)
+
+
+@pytest.mark.parametrize("kind", ["blobs", "spirals"])
+def test_classification_targets_are_class_indices(kind):
+    data = datasets.classification(kind=kind, n_samples=300, n_classes=3)
+    x, y = data["train"].tensors
+    assert x.shape[1] == 2 and y.dtype == torch.long and set(y.tolist()) == {0, 1, 2}
+
+
+def test_digits_is_real_and_bundled():
+    pytest.importorskip("sklearn")
+    data = datasets.digits(flatten=False)
+    x, y = data["train"].tensors
+    assert x.shape[1:] == (1, 8, 8) and 0.0 <= x.min() and x.max() <= 1.0
+    assert len(data["train"]) + len(data["val"]) == 1797 and set(y.tolist()) == set(range(10))
+
+
+def write_all_formats(tmp_path, x: np.ndarray, label: np.ndarray):
+    header = ",".join([f"f{i}" for i in range(x.shape[1])] + ["label"])
+    np.savetxt(tmp_path / "d.csv", np.column_stack([x, label]), delimiter=",", header=header, comments="")
+    np.savez(tmp_path / "d.npz", **{f"f{i}": x[:, i] for i in range(x.shape[1])}, label=label)
+    torch.save({**{f"f{i}": torch.from_numpy(x[:, i]) for i in range(x.shape[1])},
+                "label": torch.from_numpy(label)}, tmp_path / "d.pt")
+
+
+@pytest.mark.parametrize("suffix", ["csv", "npz", "pt"])
+def test_tensor_file_reads_named_columns(tmp_path, suffix):
+    rng = np.random.default_rng(0)
+    x, label = rng.normal(size=(50, 3)), rng.integers(0, 4, size=50)
+    write_all_formats(tmp_path, x, label)
+    data = datasets.tensor_file(str(tmp_path / f"d.{suffix}"), target="label", features=["f2", "f0"],
+                                target_dtype="long", val_fraction=0.0)
+    xs, ys = data["train"].tensors
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(xs, torch.tensor(x[:, [2, 0]], dtype=torch.float32)[order])
+    assert ys.dtype == torch.long and torch.equal(ys, torch.from_numpy(label)[order])
+
+
+def test_tensor_file_float_target_is_a_column(tmp_path):
+    x = np.arange(20.0).reshape(10, 2)
+    write_all_formats(tmp_path, x, x.sum(1))
+    xs, ys = datasets.tensor_file(str(tmp_path / "d.npz"), target="label", val_fraction=0.0)["train"].tensors
+    assert xs.shape == (10, 2) and ys.shape == (10, 1) and ys.dtype == torch.float32
+
+
+def test_tensor_file_names_a_missing_column(tmp_path):
+    write_all_formats(tmp_path, np.zeros((4, 2)), np.zeros(4))
+    with pytest.raises(ConfigError) as e:
+        datasets.tensor_file(str(tmp_path / "d.csv"), target="lable")
+    assert e.value.path == "target" and "'label'" in e.value.suggestion
+    with pytest.raises(ConfigError) as e:
+        datasets.tensor_file(str(tmp_path / "d.csv"), target="label", features=["f0", "f9"])
+    assert e.value.path == "features[1]"
