@@ -1,4 +1,4 @@
-"""The ``trainer`` command: run, config, layers, gradcheck (and compare)."""
+"""The ``trainer`` command: run, compare, gradcheck, layers, config."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from trainer.compare import compare_config, format_report
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
+    if args.steps is not None:
+        from trainer.shadow import lockstep
+
+        if args.steps < 1:
+            raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
+        ok, run_dir = lockstep(cfg, args.steps)
+        print(f"{run_dir}  {'ok' if ok else 'MISMATCH'}: parameters {'stayed' if ok else 'did not stay'} "
+              f"within tolerance for {args.steps} steps")
+        return 0 if ok else 1
+    report = compare_config(cfg)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True))
+    return 0 if report.ok else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
@@ -129,6 +155,13 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     run.add_argument("--sweep", nargs="+", default=[], metavar="KEY=V1,V2",
                      help="one run per combination of the listed values (cartesian product)")
     run.set_defaults(fn=cmd_run)
+    cmp = sub.add_parser("compare", help="native vs custom gradients on the config's model and data")
+    cmp.add_argument("config")
+    cmp.add_argument("overrides", nargs="*")
+    cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    cmp.add_argument("--steps", type=int, metavar="N",
+                     help="lockstep: train native and custom side by side for N steps, logging their divergence")
+    cmp.set_defaults(fn=cmd_compare)
     cfg = sub.add_parser("config", help="print the fully resolved config as YAML")
     cfg.add_argument("config")
     cfg.add_argument("overrides", nargs="*")

@@ -79,6 +79,17 @@ class LogConfig:
 
 
 @dataclass
+class CompareConfig:
+    """``compare:``: native-vs-custom gradient comparison (``trainer compare``) and shadow mode (``trainer run``)."""
+
+    batches: int = 1                    # batches `trainer compare` feeds both models
+    rtol: float | None = None           # null: torch.testing.assert_close's default for the dtype
+    atol: float | None = None           # null: likewise
+    bisect: bool = True                 # on a mismatch, swap layers one at a time to name the culprit
+    every: int | None = None            # shadow mode: compare each swapped layer every N training steps (null: off)
+
+
+@dataclass
 class Config:
     """A whole experiment. Built by ``load_config``; ``to_dict`` gives the resolved YAML form."""
 
@@ -93,6 +104,7 @@ class Config:
     scheduler: Component | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     source: str | None = field(default=None, repr=False)  # the YAML file it came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +122,8 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-ORDER = ("name", "seed", "imports", "model", "layers", "loss", "optimizer", "scheduler", "data", "train", "log")
+ORDER = ("name", "seed", "imports", "model", "layers", "loss", "optimizer", "scheduler", "data", "train", "log",
+         "compare")
 SECTIONS = ("model", "loss", "optimizer", "scheduler", "data")
 REQUIRED = ("model", "loss", "optimizer", "data")
 PRECISIONS = ("32", "bf16", "16")
@@ -224,6 +237,7 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             values[key] = component(raw[key], key, DataConfig if key == "data" else Component)
     values["train"] = section(raw.get("train") or {}, TrainConfig, "train")
     values["log"] = section(raw.get("log") or {}, LogConfig, "log")
+    values["compare"] = section(raw.get("compare") or {}, CompareConfig, "compare")
     mapping = raw.get("layers")
     values["layers"] = layers.check_mapping({"default": "native"} if mapping is None else mapping)
     cfg = Config(**values)
@@ -240,9 +254,13 @@ def validate(cfg: Config) -> None:
     for path, value in [("train.max_epochs", t.max_epochs), ("train.max_steps", t.max_steps),
                         ("train.accumulate", t.accumulate), ("train.val_every", t.val_every),
                         ("train.checkpoint_every", t.checkpoint_every), ("data.batch_size", d.batch_size),
-                        ("log.every", log.every), ("log.histograms_every", log.histograms_every)]:
+                        ("log.every", log.every), ("log.histograms_every", log.histograms_every),
+                        ("compare.batches", cfg.compare.batches), ("compare.every", cfg.compare.every)]:
         if value is not None and value < 1:
             raise ConfigError(path, f"must be at least 1, got {value}", suggestion="use null for no limit where allowed")
+    for path, tol in [("compare.rtol", cfg.compare.rtol), ("compare.atol", cfg.compare.atol)]:
+        if tol is not None and not tol >= 0:
+            raise ConfigError(path, f"must be 0 or more, got {tol}", suggestion="use null for the dtype's default")
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be 0 or more, got {d.num_workers}")
     if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:

@@ -23,6 +23,7 @@ from trainer.build import build_datasets, build_loss, build_model, build_optimiz
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
 from trainer.logs import RunLog, flatten
+from trainer.shadow import Shadow
 
 
 @dataclass
@@ -105,6 +106,11 @@ class Trainer:
         self.check_model_fits_data(train_set)
         self.ddp = distributed.wrap(self.model, self.env)
         self.net = torch.compile(self.ddp) if t.compile else self.ddp
+        self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol) \
+            if cfg.compare.every else None
+        if self.shadow is not None and not self.shadow.modules:
+            raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
+                              suggestion="set layers.default: custom, or name layers under layers:")
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
         self.run_dir: Path | None = None
@@ -179,6 +185,8 @@ class Trainer:
         every = self.cfg.log.every
         while self.batch_in_epoch < self.batches_per_epoch and not self.finished():
             group = list(islice(batches, min(self.cfg.train.accumulate, self.batches_per_epoch - self.batch_in_epoch)))
+            if self.shadow is not None:
+                self.shadow.before(self.step + 1)
             self._window.append(self.train_step(group))
             self.batch_in_epoch += len(group)
             self.step += 1
@@ -196,8 +204,10 @@ class Trainer:
                 self.save()
 
     def on_step(self) -> None:
-        """Cadenced work after each step: validation, checkpoints, histograms, interrupts."""
+        """Cadenced work after each step: shadow comparison, validation, checkpoints, histograms, interrupts."""
         t, log, step = self.cfg.train, self.cfg.log, self.step
+        if self.shadow is not None and self.shadow.armed:
+            self.log.scalars(step, self.shadow.collect())
         if t.val_every and step % t.val_every == 0:
             self.validate()
         if t.checkpoint_every and step % t.checkpoint_every == 0:

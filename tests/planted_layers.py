@@ -1,0 +1,78 @@
+"""User layers with planted backward bugs, each beside a correct twin of the same layer (imported by configs)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer import layers, models
+
+
+def twin(native: type[nn.Module], function: type[torch.autograd.Function]) -> type[nn.Module]:
+    def forward(self, x):
+        return function.apply(x, *self.parameters())
+    return type(f"Custom{native.__name__}", (native,), {"function": function, "forward": forward})
+
+
+def fn(name: str, forward, backward, saves_input: bool = True) -> type[torch.autograd.Function]:
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(lambda ctx, g: backward(g, *ctx.saved_tensors))})
+
+
+class Cube(nn.Module):
+    def forward(self, x):
+        return x ** 3
+
+
+class SquarePlus(nn.Module):
+    def forward(self, x):
+        return x * x + x
+
+
+class Leaky(nn.Module):
+    def forward(self, x):
+        return torch.where(x > 0, x, 0.1 * x)
+
+
+class MatMul(nn.Module):
+    def __init__(self, n: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, n) / n ** 0.5)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def flat(x):
+    return x.reshape(-1, x.shape[-1])
+
+
+RIGHT = {
+    "cube": (Cube, lambda x: x * x * x, lambda g, x: 3 * x * x * g),
+    "square_plus": (SquarePlus, lambda x: x * x + x, lambda g, x: (2 * x + 1) * g),
+    "leaky": (Leaky, lambda x: torch.where(x > 0, x, 0.1 * x), lambda g, x: torch.where(x > 0, g, 0.1 * g)),
+    "matmul": (MatMul, lambda x, w: x @ w, lambda g, x, w: (g @ w.T, flat(x).T @ flat(g))),
+}
+WRONG = {  # the same layers, one planted bug each
+    "cube": lambda g, x: 6 * x * x * g,                                     # off by a factor
+    "square_plus": lambda g, x: 2 * x * g,                                  # a missing term
+    "leaky": lambda g, x: torch.where(x > 0, g, -0.1 * g),                  # wrong sign on one branch
+    "matmul": lambda g, x, w: (g @ w.T, (flat(x).T @ flat(g)).T),           # a transposed grad
+}
+
+for name, (native, forward, backward) in RIGHT.items():
+    layers.register(name, native=native, custom=twin(native, fn(f"{native.__name__}Function", forward, backward)))
+    bad_native = type(f"{native.__name__}B", (native,), {})  # the same layer, registered a second time
+    layers.register(f"{name}_bad", native=bad_native,
+                    custom=twin(bad_native, fn(f"{native.__name__}BadFunction", forward, WRONG[name])))
+
+
+@models.register("planted")
+def planted(layer: str = "cube", in_features: int = 10, repeat: int = 1) -> nn.Module:
+    """Linear(in, 8) -> (layer -> Linear(8, 8)) * (repeat - 1) -> layer -> Linear(8, 1)."""
+    mods: list[nn.Module] = [nn.Linear(in_features, 8)]
+    for i in range(repeat):
+        mods += [layers.get(layer).native(), nn.Linear(8, 8 if i < repeat - 1 else 1)]
+    return nn.Sequential(*mods)

@@ -1,0 +1,165 @@
+"""Comparison inside training: shadow mode (each swapped layer re-run natively every N steps) and the lockstep run."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from itertools import islice
+
+import torch
+from torch import nn
+
+from trainer import layers
+from trainer.compare import LOSS, TensorDiff, diff, swapped_layers
+
+
+class Shadow:
+    """Every ``every`` steps, each custom layer and its native counterpart run on what that layer saw in training.
+
+    On a shadow step, hooks keep each swapped layer's inputs and incoming grad_output;
+    afterwards both implementations re-run on exactly those, and the differences of
+    output, input grad and parameter grads, with the bytes each saved for backward, go to
+    TensorBoard as ``compare/<layer>/<tensor>/<metric>``. Training follows the model's
+    own path throughout; buffers (batch-norm statistics) are restored after the re-runs.
+    Between shadow steps no hook is installed, so the cost is zero.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, every: int, rtol: float | None = None, atol: float | None = None):
+        self.every, self.rtol, self.atol = every, rtol, atol
+        self.modules = {p: (loss_fn if p == LOSS else model.get_submodule(p)) for p in swapped_layers(model, loss_fn)}
+        self.handles: list = []
+        self.seen: dict[str, dict] = {}
+
+    @property
+    def armed(self) -> bool:
+        return bool(self.handles)
+
+    def before(self, step: int) -> None:
+        """Called before step ``step`` runs: install the hooks if it is a shadow step."""
+        if step % self.every == 0 and self.modules:
+            for path, m in self.modules.items():
+                self.handles.append(m.register_forward_hook(self._keep(path)))
+
+    def _keep(self, path: str):
+        def hook(module, args, out):
+            if path in self.seen:  # accumulation runs a layer several times a step: keep the first
+                return
+            rec = self.seen[path] = {"args": [a.detach() if isinstance(a, torch.Tensor) else a for a in args]}
+            if out.requires_grad:
+                out.register_hook(lambda g: rec.setdefault("grad", g.detach()))
+        return hook
+
+    def collect(self) -> dict[str, float]:
+        """Remove the hooks, re-run every layer both ways, and return the scalars to log."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        values: dict[str, float] = {}
+        for path, rec in self.seen.items():
+            if "grad" not in rec:
+                continue
+            for d, (native_bytes, custom_bytes) in self.compare_layer(self.modules[path], rec):
+                for metric in ("max_abs_diff", "cosine", "norm_ratio"):
+                    values[f"compare/{path}/{d.name}/{metric}"] = getattr(d, metric)
+                values[f"compare/{path}/{d.name}/ok"] = float(d.ok)
+            values[f"compare/{path}/saved_bytes/native"] = native_bytes
+            values[f"compare/{path}/saved_bytes/custom"] = custom_bytes
+        self.seen = {}
+        return values
+
+    def compare_layer(self, module: nn.Module, rec: dict) -> list[tuple[TensorDiff, tuple[int, int]]]:
+        name, impl = layers.impl_of(module)
+        native_cls, custom_cls = next((n, c) for n, c in layers.get(name).pairs if type(module) in (n, c))
+        buffers = {k: b.clone() for k, b in module.named_buffers()}
+        results = {}
+        try:
+            for cls in (native_cls, custom_cls):
+                module.__class__ = cls
+                results[cls] = self._rerun(module, rec)
+                for k, b in module.named_buffers():
+                    b.copy_(buffers[k])
+        finally:
+            module.__class__ = custom_cls if impl == "custom" else native_cls
+        (out_n, grads_n, bytes_n), (out_c, grads_c, bytes_c) = results[native_cls], results[custom_cls]
+        diffs = [diff("output", "layer_output", out_c, out_n, self.rtol, self.atol)]
+        diffs += [diff(k, "input_grad" if k.endswith("_grad") else "param_grad", grads_c[k], grads_n[k],
+                       self.rtol, self.atol) for k in grads_n]
+        return [(d, (bytes_n, bytes_c)) for d in diffs]
+
+    @staticmethod
+    def _rerun(module: nn.Module, rec: dict):
+        args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in rec["args"]]
+        wrt = {("input_grad" if i == 0 else f"arg{i}_grad"): a for i, a in enumerate(args)
+               if isinstance(a, torch.Tensor) and a.requires_grad}
+        wrt.update({n: p for n, p in module.named_parameters() if p.requires_grad})
+        kept = {t.untyped_storage().data_ptr() for t in (*wrt.values(), *module.buffers())}  # alive anyway
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in kept:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            torch.manual_seed(0)  # the same dropout mask both ways
+            out = module(*args)
+        grads = torch.autograd.grad(out, list(wrt.values()), rec["grad"], allow_unused=True)
+        grads = {k: g if g is not None else torch.zeros_like(v) for (k, v), g in zip(wrt.items(), grads)}
+        return out.detach(), grads, sum(storages.values())
+
+
+def lockstep(cfg, steps: int) -> tuple[bool, object]:
+    """Train native and custom copies side by side on the same batches for ``steps`` steps; log their divergence.
+
+    Writes ``<log.dir>/<name>-lockstep/version_<N>/`` with ``lockstep/loss/{native,custom}``
+    (overlaid on one chart through a custom-scalars layout), ``lockstep/loss_abs_diff``,
+    ``lockstep/param_max_abs_diff``, ``lockstep/param_rel_l2`` and ``lockstep/param_score``
+    (max |c - n| / (atol + rtol |n|); above 1 is outside tolerance).
+
+    Returns:
+        ``(ok, run_dir)``: ok when every step's parameters stayed within tolerance.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trainer import checkpoint
+    from trainer.loop import Trainer
+
+    custom_map = cfg.layers if any(v == "custom" for v in cfg.layers.values()) else {"default": "custom"}
+    native = Trainer(dataclasses.replace(cfg, layers={"default": "native"}))
+    custom = Trainer(dataclasses.replace(cfg, layers=custom_map))
+    run_dir = checkpoint.create_run_dir(cfg.log.dir, f"{cfg.name}-lockstep")
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    writer = SummaryWriter(str(run_dir))
+    writer.add_custom_scalars({"lockstep": {
+        "loss": ["Multiline", ["lockstep/loss/native", "lockstep/loss/custom"]],
+        "divergence": ["Multiline", ["lockstep/param_max_abs_diff", "lockstep/loss_abs_diff"]]}})
+    ok = True
+    try:
+        for step, group in enumerate(islice(_groups(native), steps), start=1):
+            rng = torch.get_rng_state()
+            loss_n = native.train_step(group)
+            torch.set_rng_state(rng)  # the same dropout masks in both
+            loss_c = custom.train_step(group)
+            pn = torch.cat([p.detach().flatten() for p in native.model.parameters()])
+            pc = torch.cat([p.detach().flatten() for p in custom.model.parameters()])
+            d = diff("parameters", "param", pc, pn, cfg.compare.rtol, cfg.compare.atol)
+            ok = ok and d.ok
+            for tag, value in {"loss/native": float(loss_n), "loss/custom": float(loss_c),
+                               "loss_abs_diff": abs(float(loss_n) - float(loss_c)),
+                               "param_max_abs_diff": d.max_abs_diff, "param_rel_l2": d.rel_l2,
+                               "param_score": d.score}.items():
+                writer.add_scalar(f"lockstep/{tag}", value, step)
+    finally:
+        writer.close()
+    return ok, run_dir
+
+
+def _groups(trainer) -> Iterator[list]:
+    """The trainer's batches, grouped by ``train.accumulate``, epoch after epoch."""
+    epoch = 0
+    while True:
+        trainer.sampler.set_epoch(epoch)
+        batches = iter(trainer.train_loader)
+        while group := list(islice(batches, trainer.cfg.train.accumulate)):
+            yield group
+        epoch += 1
