@@ -50,9 +50,9 @@ def diff(name: str, kind: str, custom: torch.Tensor, native: torch.Tensor,
     c, n = torch.where(both_nan, 0.0, c), torch.where(both_nan, 0.0, n)
     d = (c - n).abs().nan_to_num(nan=math.inf)
     score = float((d / (atol + rtol * n.abs())).max()) if d.numel() else 0.0
-    nonzero = n != 0
-    max_rel = float((d[nonzero] / n[nonzero].abs()).max()) if nonzero.any() else float(d.max() > 0) * math.inf \
-        if d.numel() else 0.0
+    # relative to |native|; a difference where native is exactly 0 is infinitely relative
+    rel = torch.where(n != 0, d / n.abs(), torch.where(d > 0, math.inf, 0.0))
+    max_rel = float(rel.max()) if rel.numel() else 0.0
     nc, nn_ = float(c.norm()), float(n.norm())
     cosine = float(c @ n) / (nc * nn_) if nc > 0 and nn_ > 0 else float(nc == nn_)
     return TensorDiff(
