@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Small tensors on a shared 2-core machine: a second intra-op thread costs more in
+# synchronisation than it saves (a float64 conv gradcheck took 8-30 s with two threads, ~1 s with one).
+torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
