@@ -124,13 +124,19 @@ def backward_node_names(output: torch.Tensor) -> set[str]:
 
 
 def saved_bytes_in_model(spec: LayerSpec, case: Case, impl: str, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the distinct storages autograd saves for ``pre -> layer -> post``.
+    """Bytes of the distinct storages autograd saves for ``pre -> layer -> post`` on one of the layer's cases."""
+    module, inputs = prepare(spec, case, dtype, impl)
+    return saved_bytes(module, inputs)
+
+
+def saved_bytes(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """Bytes of the distinct storages autograd saves for ``pre -> module -> post``.
 
     ``pre`` and ``post`` multiply by a scalar parameter, so, like the Linear layers around
     an activation in a real model, ``post`` keeps the layer's output alive anyway. Each
     storage counts once; parameters, buffers and the model's input are left out.
     """
-    module, inputs = prepare(spec, case, dtype, impl)
+    dtype = next((t.dtype for t in inputs if t.is_floating_point()), torch.float32)
     a = torch.tensor(1.5, dtype=dtype, requires_grad=True)
     b = torch.tensor(0.5, dtype=dtype, requires_grad=True)
     excluded = {t.untyped_storage().data_ptr() for t in (*inputs, *module.parameters(), *module.buffers(), a, b)}
