@@ -5,7 +5,6 @@ import torch
 
 from trainer.functions import amp
 from trainer.functions.activations import CustomReLU, ReLUFunction
-from trainer.functions.dense import LinearFunction
 
 
 def counting_apply(monkeypatch, function):
@@ -31,6 +30,26 @@ def test_transforms_and_missing_arguments_use_function_apply(monkeypatch):
     after_grad = len(calls)
     assert torch.func.vmap(CustomReLU())(x.reshape(3, 1)).flatten().tolist() == [0.0, 0.5, 2.0]
     assert after_grad >= 1 and len(calls) > after_grad
-    lin = counting_apply(monkeypatch, LinearFunction)
-    amp.call(LinearFunction, (torch.randn(2, 3), torch.randn(4, 3)))  # bias left out: arity differs
-    assert lin == [1]
+
+
+class Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(x, factor=2.0):
+        return x * factor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.factor = inputs[1]  # present only because Function.apply binds the default
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def test_a_left_out_default_goes_through_function_apply(monkeypatch):
+    calls = counting_apply(monkeypatch, Scale)
+    x = torch.ones(2, requires_grad=True)
+    amp.call(Scale, (x,)).sum().backward()
+    assert calls == [1] and x.grad.tolist() == [2.0, 2.0]
+    amp.call(Scale, (x, 3.0))
+    assert calls == [1]
