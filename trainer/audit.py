@@ -50,6 +50,9 @@ def as_function(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int =
         for j, i in enumerate(diff):
             xs[i] = args[j]
         params = dict(zip(names, args[len(diff):]))
+        # fresh buffers each call: running statistics must not drift between calls, nor be
+        # mutated in place under torch.func transforms (which forbid it)
+        params.update({n: b.clone() for n, b in module.named_buffers()})
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return torch.func.functional_call(module, params, tuple(xs))

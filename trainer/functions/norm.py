@@ -405,12 +405,12 @@ def _batch_norm(cls, channels: int, **kwargs):
     return build
 
 
-# vmap=False: BatchNormFunction itself has generate_vmap_rule (tests/test_functions_norm.py checks
-# batched grads and vmap on it), but in training the module mutates its running-stat buffers, which
-# torch.func refuses ("mutate a captured Tensor"), for native BatchNorm too, so jacrev of either fails.
+# vmap: BatchNormFunction has generate_vmap_rule. In training the module mutates its running-stat
+# buffers, which torch.func refuses for captured tensors ("mutate a captured Tensor"), native
+# BatchNorm included: pass the buffers in (functional_call), as trainer.audit.as_function does.
 layers.register(
     "batch_norm", native=(nn.BatchNorm1d, nn.BatchNorm2d), custom=(CustomBatchNorm1d, CustomBatchNorm2d),
-    reduction=True, vmap=False, saves="x, mean, var (stats fp32); y and var without affine; eval: x only for d gamma",
+    reduction=True, vmap=True, saves="x, mean, var (stats fp32); y and var without affine; eval: x only for d gamma",
     cases=lambda: [
         Case("1d-NC", _batch_norm(nn.BatchNorm1d, 3), _randn(6, 3)),
         Case("1d-NCL", _batch_norm(nn.BatchNorm1d, 3), _randn(3, 3, 4)),
