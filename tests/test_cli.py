@@ -70,12 +70,18 @@ def test_console_script_and_config_command(tmp_path):
     assert resolved["layers"] == {"default": "custom"} and resolved["log"]["every"] == 10
 
 
+BUILTIN_LAYERS = {"relu", "leaky_relu", "elu", "gelu", "silu", "mish", "softplus", "sigmoid", "tanh", "hardsigmoid",
+                  "hardswish", "softmax", "log_softmax", "linear", "conv2d", "layer_norm", "batch_norm", "dropout",
+                  "embedding", "mse", "l1", "huber", "cross_entropy", "bce_with_logits"}  # DESIGN.md's list
+
+
 def test_layers_table_lists_the_registry():
     proc = run_cli("layers")
     assert proc.returncode == 0, proc.stderr
-    from trainer import layers
-    names = {line.split()[0] for line in proc.stdout.splitlines()[2:]}
-    assert names == set(layers.names())
+    rows = [line.split() for line in proc.stdout.splitlines()[2:]]
+    assert {r[0] for r in rows} == BUILTIN_LAYERS
+    relu = next(r for r in rows if r[0] == "relu")
+    assert relu[1:3] == ["ReLU", "CustomReLU"] and "4" in relu  # 4 bytes per element, like native
 
 
 def test_gradcheck_passes_builtins_and_fails_a_wrong_user_twin(tmp_path):
@@ -88,6 +94,7 @@ def test_gradcheck_passes_builtins_and_fails_a_wrong_user_twin(tmp_path):
     assert "FAIL" in bad.stdout and "cube" in bad.stdout
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_cartesian_product(tmp_path):
     proc = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "train.max_steps=3",
                    "--sweep", "optimizer.lr=0.1,0.01", "model={name: mlp, in_features: 10, out_features: 1, "
@@ -112,6 +119,7 @@ def wait_for(path, proc, timeout=120.0):
 BIG_EPOCH = ["data.n_samples=100000", "data.batch_size=1", "data.val_fraction=0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, sig, code):
     # one epoch of 80,000 steps and no step cadence: the only checkpoint can be the one saved on the way out

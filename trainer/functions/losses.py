@@ -340,7 +340,7 @@ def _weights(*w: float):
 
 layers.register(
     "cross_entropy", native=nn.CrossEntropyLoss, custom=CustomCrossEntropyLoss, reduction=True,
-    saves="x (input logits); log p is recomputed in backward",
+    saves="log p (an extra output, as native saves it), target, weight",
     cases=lambda: [
         Case("ce-mean", nn.CrossEntropyLoss, _ce(6, 5)),
         Case("ce-sum", lambda: nn.CrossEntropyLoss(reduction="sum"), _ce(6, 5)),
