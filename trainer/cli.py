@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 
@@ -80,15 +81,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         if args.steps < 1:
             raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--steps", "the lockstep run is single-process", suggestion="run it without torchrun")
         ok, run_dir = lockstep(cfg, args.steps)
         print(f"{run_dir}  {'ok' if ok else 'MISMATCH'}: parameters {'stayed' if ok else 'did not stay'} "
               f"within tolerance for {args.steps} steps")
         return 0 if ok else 1
-    report = compare_config(cfg)
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, allow_nan=True))
-    return 0 if report.ok else 1
+    from trainer import distributed
+
+    report, env = compare_config(cfg)
+    ok = not distributed.any_rank(not report.ok, env)  # under torchrun: every rank's shard must agree
+    if env.main:
+        print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_dict() | {"ok": ok}, indent=2))
+    return 0 if ok else 1
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -199,3 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted twice; stopped without saving", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -276,8 +276,12 @@ class Comparison:
         return culprits
 
 
-def compare_config(cfg) -> Report:
-    """``trainer compare``: the config's model and loss, native against custom, on its first training batches."""
+def compare_config(cfg) -> tuple[Report, object]:
+    """``trainer compare``: the config's model and loss, native against custom, on its first training batches.
+
+    Returns the report and the process's ``distributed.Env``: under torchrun each rank
+    compares on its own shard of the batches.
+    """
     from itertools import islice
 
     from trainer.loop import Trainer
@@ -287,7 +291,7 @@ def compare_config(cfg) -> Report:
     batches = [(x.to(device), y.to(device)) for x, y in islice(iter(trainer.train_loader), cfg.compare.batches)]
     comparison = Comparison(trainer.model, trainer.loss_fn, batches, cfg.layers, rtol=cfg.compare.rtol,
                             atol=cfg.compare.atol, seed=cfg.seed, autocast=trainer.autocast)
-    return comparison.report(bisect=cfg.compare.bisect)
+    return comparison.report(bisect=cfg.compare.bisect), trainer.env
 
 
 def format_report(report: Report) -> str:

@@ -1,0 +1,53 @@
+"""Real `torchrun` with two CPU processes (gloo) against one process with the same global batch."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import QUICKSTART
+from trainer import Trainer
+
+MODEL = "model={name: mlp, in_features: 10, out_features: 1, hidden: [16, 16], layer_norm: true}"
+
+
+def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    exe = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([exe, "--standalone", "--nproc_per_node=2", "-m", "trainer", *args], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=cwd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["native", "custom"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, quick, impl):
+    common = [MODEL, "train.max_epochs=2", f"layers.default={impl}", "optimizer={name: adam, lr: 0.01}"]
+    proc = torchrun("run", str(QUICKSTART), f"log.dir={tmp_path / 'ddp'}", "log.progress=false",
+                    "data.batch_size=32", *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "ddp" / "quickstart").iterdir())
+    assert [r.name for r in runs] == ["version_0"]  # rank 0 alone made a run directory
+    assert len(list(runs[0].glob("events.out.tfevents.*"))) == 1  # and wrote one event file
+    assert len(proc.stdout.strip().splitlines()) == 1  # and printed the result once
+    state = torch.load(runs[0] / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["model"])
+
+    single = Trainer(quick("data.batch_size=64", *common))
+    single.fit()
+    assert state["step"] == single.step == 26
+    for name, p in single.model.state_dict().items():
+        torch.testing.assert_close(state["model"][name], p, rtol=1e-5, atol=1e-5, msg=name)
+    val = float(proc.stdout.split("val/loss=")[1].split()[0])
+    assert val == pytest.approx(single.metrics["val/loss"], rel=1e-4)  # averaged over ranks
+
+
+@pytest.mark.slow
+def test_compare_under_torchrun_reports_once(tmp_path):
+    proc = torchrun("compare", str(QUICKSTART), MODEL, "layers.default=custom", "--json", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("tensors within tolerance") == 1
+    assert (tmp_path / "r.json").is_file()
