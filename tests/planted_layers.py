@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer import layers, models
+from trainer import datasets, layers, models
 
 
 def twin(native: type[nn.Module], function: type[torch.autograd.Function]) -> type[nn.Module]:
@@ -76,3 +76,47 @@ def planted(layer: str = "cube", in_features: int = 10, repeat: int = 1) -> nn.M
     for i in range(repeat):
         mods += [layers.get(layer).native(), nn.Linear(8, 8 if i < repeat - 1 else 1)]
     return nn.Sequential(*mods)
+
+
+
+class Poisoned(nn.Module):
+    """y = x * weight; its custom twin's backward makes weight's grad NaN on a batch holding the value 7.0."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class PoisonedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w):
+        return x * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        poison = float("nan") if bool((x == 7.0).any()) else 0.0
+        return g * w, (g * x).sum() + poison
+
+
+layers.register("poisoned", native=Poisoned, custom=twin(Poisoned, PoisonedFunction))
+
+
+@models.register("poisoned_mlp")
+def poisoned_mlp(in_features: int = 10) -> nn.Module:
+    return nn.Sequential(Poisoned(), nn.Linear(in_features, 8), nn.ReLU(), nn.Linear(8, 1))
+
+
+@datasets.register("marked")
+def marked(index: int = 300) -> dict:
+    """The regression task with one training sample's first feature set to 7.0."""
+    data = datasets.regression()
+    data["train"].tensors[0][index, 0] = 7.0
+    return data

@@ -83,3 +83,22 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
     if len(train) == 0:
         raise ConfigError("data", "the training set is empty")
     return train, val
+
+
+def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device) -> None:
+    """Run two samples through model and loss, so a shape mismatch is a config error, not a crash mid-run."""
+    import warnings
+
+    from torch.utils.data import default_collate
+
+    x, y = default_collate([train[i] for i in range(min(2, len(train)))])
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*target size.*")
+            loss_fn(model(x.to(device)), y.to(device))
+    except Exception as e:
+        raise ConfigError("model", f"the model and loss do not fit the data: {str(e).strip().splitlines()[0]}",
+                          suggestion="check the model's in/out sizes against the dataset and the loss") from None
+    finally:
+        model.train()

@@ -62,7 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = trainer.fit()
         if trainer.env.main:
             shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items()))
-            print(f"{result.run_dir}  step={result.step}  {shown}", flush=True)
+            early = "  (stopped early)" if result.stopped_early else ""
+            print(f"{result.run_dir}  step={result.step}  {shown}{early}", flush=True)
     return 0
 
 

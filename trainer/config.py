@@ -64,6 +64,11 @@ class TrainConfig:
     compile: bool = False               # torch.compile the model (twins included)
     val_every: int | None = None        # validate every N steps (null: at the end of each epoch)
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch end and at the end)
+    keep_checkpoints: int = 3           # newest step_<N>.pt files kept (last.pt and best.pt are links to them)
+    monitor: str | None = None          # val/loss | val/accuracy | train/loss: kept as best.pt, used by patience
+    monitor_mode: Literal["min", "max"] = "min"
+    patience: int | None = None         # early stopping: stop after this many checks without improvement
+    min_delta: float = 0.0              # an improvement smaller than this does not count
     skip_nonfinite: bool = False        # skip (and count) steps whose loss is NaN/inf instead of stopping
 
 
@@ -127,6 +132,7 @@ ORDER = ("name", "seed", "imports", "model", "layers", "loss", "optimizer", "sch
 SECTIONS = ("model", "loss", "optimizer", "scheduler", "data")
 REQUIRED = ("model", "loss", "optimizer", "data")
 PRECISIONS = ("32", "bf16", "16")
+MONITORS = ("val/loss", "val/accuracy", "train/loss")
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
@@ -254,6 +260,7 @@ def validate(cfg: Config) -> None:
     for path, value in [("train.max_epochs", t.max_epochs), ("train.max_steps", t.max_steps),
                         ("train.accumulate", t.accumulate), ("train.val_every", t.val_every),
                         ("train.checkpoint_every", t.checkpoint_every), ("data.batch_size", d.batch_size),
+                        ("train.keep_checkpoints", t.keep_checkpoints), ("train.patience", t.patience),
                         ("log.every", log.every), ("log.histograms_every", log.histograms_every),
                         ("compare.batches", cfg.compare.batches), ("compare.every", cfg.compare.every)]:
         if value is not None and value < 1:
@@ -261,6 +268,12 @@ def validate(cfg: Config) -> None:
     for path, tol in [("compare.rtol", cfg.compare.rtol), ("compare.atol", cfg.compare.atol)]:
         if tol is not None and not tol >= 0:
             raise ConfigError(path, f"must be 0 or more, got {tol}", suggestion="use null for the dtype's default")
+    if t.monitor is not None and t.monitor not in MONITORS:
+        raise ConfigError("train.monitor", f"unknown metric {t.monitor!r}", choices=MONITORS, given=t.monitor)
+    if t.patience is not None and t.monitor is None:
+        raise ConfigError("train.patience", "early stopping needs a metric to watch", suggestion="set train.monitor")
+    if not t.min_delta >= 0:
+        raise ConfigError("train.min_delta", f"must be 0 or more, got {t.min_delta}")
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be 0 or more, got {d.num_workers}")
     if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:

@@ -5,9 +5,9 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from itertools import islice
 from os import PathLike
@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
 
 from trainer import checkpoint, data, distributed
-from trainer.build import build_datasets, build_loss, build_model, build_optimizer, build_scheduler
+from trainer.build import build_datasets, build_loss, build_model, build_optimizer, build_scheduler, check_fit
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
 from trainer.logs import RunLog, flatten
+from trainer.monitor import Monitor
 from trainer.shadow import Shadow
 
 
@@ -32,15 +32,20 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)
     step: int = 0
     epoch: int = 0
+    stopped_early: bool = False
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss went NaN or infinite; the run stopped and its last good checkpoint is kept."""
+    """The loss (or, after a non-finite gradient, the weights) went NaN or infinite; the last good checkpoint is kept."""
 
-    def __init__(self, step: int, value: float):
-        self.step = step
-        super().__init__(f"the loss is {value} at step {step}; stopped, the last good checkpoint is kept "
+    def __init__(self, step: int, value: float, what: str = "the loss is"):
+        self.step, self.value, self.diagnosis = step, value, None
+        where = "at" if what == "the loss is" else "by"
+        super().__init__(f"{what} {value} {where} step {step}; stopped, the last good checkpoint is kept "
                          "(set train.skip_nonfinite: true to skip such steps instead)")
+
+    def __str__(self) -> str:
+        return super().__str__() + (f"; {self.diagnosis}" if self.diagnosis else "")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -71,7 +76,7 @@ class Trainer:
 
     Args:
         cfg: a ``Config`` (from ``load_config``), a mapping or a YAML path.
-        resume: a run directory to continue from its last checkpoint, in place.
+        resume: a run directory to continue from its newest good checkpoint, in place.
     """
 
     def __init__(self, cfg: Config | dict | str | PathLike, *, resume: str | PathLike | None = None):
@@ -92,9 +97,11 @@ class Trainer:
         self.batches_per_epoch = len(self.train_loader)
         if self.batches_per_epoch == 0:
             raise ConfigError("data.batch_size", f"larger than the {len(train_set)} training samples with drop_last")
+        if t.monitor and t.monitor.startswith("val/") and self.val_loader is None:
+            raise ConfigError("train.monitor", f"{t.monitor} needs validation data",
+                              suggestion="give the dataset a val_fraction, or monitor train/loss")
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.accumulate)
-        limits = [t.max_steps, t.max_epochs and t.max_epochs * self.steps_per_epoch]
-        self.total_steps = min(n for n in limits if n)
+        self.total_steps = min(n for n in [t.max_steps, t.max_epochs and t.max_epochs * self.steps_per_epoch] if n)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
         if self.scheduler is not None and self.scheduler.interval == "metric" and self.val_loader is None:
@@ -103,7 +110,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "16")
         low = {"bf16": torch.bfloat16, "16": torch.float16}.get(t.precision)
         self.autocast = torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
-        self.check_model_fits_data(train_set)
+        check_fit(self.model, self.loss_fn, train_set, self.device)
         self.ddp = distributed.wrap(self.model, self.env)
         self.net = torch.compile(self.ddp) if t.compile else self.ddp
         self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol) \
@@ -111,17 +118,25 @@ class Trainer:
         if self.shadow is not None and not self.shadow.modules:
             raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
                               suggestion="set layers.default: custom, or name layers under layers:")
+        self.monitor = Monitor(t.monitor, t.monitor_mode, t.min_delta, t.patience)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
         self.run_dir: Path | None = None
+        self.checkpoints: checkpoint.Checkpoints | None = None
         self._rng: dict[str, Any] | None = None
         self._signal: int | None = None
         self._window: list[torch.Tensor] = []
         self._skipped = self._samples = 0
-        self._validated_at = -1
+        self._validated_at = self._saved_at = -1
+        self.stopped_early = False
         if resume is not None:
-            self.restore(checkpoint.load(resume))
             self.run_dir = Path(resume)
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints)
+            state, path, problems = self.checkpoints.load()
+            for problem in problems:  # a newer checkpoint was damaged: say so, and which one is used
+                print(f"warning: {problem}; resuming from {path.relative_to(self.run_dir)} (step {state['step']}), "
+                      "the newest good checkpoint", file=sys.stderr)
+            self.restore(state)
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -152,12 +167,13 @@ class Trainer:
         return loss
 
     def fit(self) -> FitResult:
-        """Train until ``train.max_steps`` or ``train.max_epochs``; validate, log and checkpoint on the way."""
+        """Train until ``train.max_steps``, ``train.max_epochs`` or early stopping; validate, log, checkpoint."""
         cfg, env = self.cfg, self.env
         fresh = self.run_dir is None
         if fresh:
             made = str(checkpoint.create_run_dir(cfg.log.dir, cfg.name)) if env.main else None
             self.run_dir = Path(distributed.broadcast(made, env))
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints)
             if env.main:
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
@@ -174,9 +190,16 @@ class Trainer:
                 while not self.finished():
                     self.train_epoch()
                 self.finish()
+        except NonFiniteLoss as e:
+            self.log.close()
+            from trainer.compare import swapped_layers
+            if not env.distributed and swapped_layers(self.model, self.loss_fn):  # twins in use: find the culprit
+                from trainer.diagnose import first_nonfinite
+                e.diagnosis = first_nonfinite(cfg, self.run_dir, e.step)
+            raise
         finally:
             self.log.close()
-        return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch)
+        return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch, self.stopped_early)
 
     def train_epoch(self) -> None:
         self.sampler.set_epoch(self.epoch)
@@ -222,7 +245,8 @@ class Trainer:
 
     def finished(self) -> bool:
         t = self.cfg.train
-        return bool(t.max_steps and self.step >= t.max_steps or t.max_epochs and self.epoch >= t.max_epochs)
+        return bool(self.stopped_early or t.max_steps and self.step >= t.max_steps
+                    or t.max_epochs and self.epoch >= t.max_epochs)
 
     def finish(self) -> None:
         self.log_train()  # the last steps, even off the cadence
@@ -234,12 +258,20 @@ class Trainer:
     # --- measuring ------------------------------------------------------------------------
 
     def check_finite(self) -> torch.Tensor:
-        """The losses since the last log, after one sync; NonFiniteLoss names the first bad step."""
+        """The losses since the last log, after one sync; NonFiniteLoss names the first bad step.
+
+        The weights are checked too: a non-finite gradient leaves its own step's loss finite
+        but poisons the weights, which must never reach a checkpoint.
+        """
         losses = torch.stack(self._window).float() if self._window else torch.zeros(0)
         finite = torch.isfinite(losses)
-        if not self.cfg.train.skip_nonfinite and not bool(finite.all()):
+        if self.cfg.train.skip_nonfinite:
+            return losses
+        if not bool(finite.all()):
             bad = int((~finite).nonzero()[0])
             raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            raise NonFiniteLoss(self.step, float("nan"), what="the weights are")
         return losses
 
     def log_train(self) -> None:
@@ -254,14 +286,15 @@ class Trainer:
         now = time.perf_counter()
         speed = self._samples * self.env.world_size / max(now - self._clock, 1e-9)
         self._samples, self._clock = 0, now
-        norm = grad_norm(self.model)
         lr = self.optimizer.param_groups[0]["lr"]
-        values = {"train/loss": mean, "train/lr": lr, "train/grad_norm": norm, "train/samples_per_sec": speed}
+        values = {"train/loss": mean, "train/lr": lr, "train/grad_norm": grad_norm(self.model),
+                  "train/samples_per_sec": speed}
         if self.cfg.train.skip_nonfinite:
             values["train/skipped_steps"] = self._skipped
         self.log.scalars(self.step, values)
         self.log.progress(loss=f"{mean:.4g}", lr=f"{lr:.3g}", samples_per_s=f"{speed:.0f}")
         self.metrics["train/loss"] = mean
+        self.watch({"train/loss": mean})
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -295,24 +328,39 @@ class Trainer:
         self._validated_at = self.step
         if self.scheduler is not None and self.scheduler.interval == "metric":
             self.scheduler.step(values["val/loss"])
+        self.watch(values)
+
+    def watch(self, values: dict[str, float]) -> None:
+        """Feed the monitored metric: save ``best.pt`` when it improves, stop early when patience runs out."""
+        if self.monitor.update(values):
+            self.save(best=True)
+        elif self.monitor.exhausted:
+            self.stopped_early = True
 
     # --- state ----------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Checkpoint to ``checkpoints/last.pt`` (rank 0), after checking the steps since the last log were finite."""
+    def save(self, best: bool = False) -> None:
+        """Checkpoint (rank 0), after checking that the steps since the last log were finite."""
         self.check_finite()
-        if not self.env.main:
+        if self._saved_at == self.step and not best:
             return
-        checkpoint.save(self.run_dir / "checkpoints" / checkpoint.LAST, {
+        self._saved_at = self.step
+        if self.env.main:
+            self.checkpoints.save(self.state_dict(), self.step, best=best)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as tensors and plain values (``torch.load(weights_only=True)``)."""
+        return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": checkpoint.rng_state(),
+            "monitor": self.monitor.state_dict(),
             "metrics": dict(self.metrics),
             "config": self.cfg.to_dict(),
-        })
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         try:
@@ -325,8 +373,10 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.monitor.load_state_dict(state.get("monitor", {"best": None, "bad_checks": 0}))
         self.metrics = dict(state.get("metrics", {}))
         self._rng = state["rng"]
+        self._saved_at = self.step
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -352,17 +402,3 @@ class Trainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-    def check_model_fits_data(self, train_set) -> None:
-        """Run two samples through model and loss, so a shape mismatch is a config error, not a crash mid-run."""
-        x, y = default_collate([train_set[i] for i in range(min(2, len(train_set)))])
-        self.model.eval()
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.filterwarnings("error", message=".*target size.*")
-                self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
-        except Exception as e:
-            raise ConfigError("model", f"the model and loss do not fit the data: {str(e).strip().splitlines()[0]}",
-                              suggestion="check the model's in/out sizes against the dataset and the loss") from None
-        finally:
-            self.model.train()
