@@ -84,6 +84,7 @@ def test_layers_table_lists_the_registry():
     assert relu[1:3] == ["ReLU", "CustomReLU"] and "4" in relu  # 4 bytes per element, like native
 
 
+@pytest.mark.slow
 def test_gradcheck_passes_builtins_and_fails_a_wrong_user_twin(tmp_path):
     ok = run_cli("gradcheck", "relu")
     assert ok.returncode == 0, ok.stdout + ok.stderr

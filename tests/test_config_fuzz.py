@@ -1,6 +1,7 @@
 """Property: whatever YAML or overrides a user feeds the loader, the only error is ConfigError."""
 from __future__ import annotations
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,12 +37,14 @@ def loads_or_config_error(source, overrides=()):
         assert str(e)  # always a message
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.dictionaries(keys, values, max_size=8))
 def test_random_documents(doc):
     loads_or_config_error(harmless(doc))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.dictionaries(st.sampled_from(["model", "loss", "optimizer", "data", "train", "log", "layers", "compare",
                                         "scheduler"]), values, max_size=4))
@@ -62,6 +65,7 @@ def dotted(d: dict, prefix: str = "") -> list[str]:
 REAL_PATHS = [p for p in dotted(load_config(QUICKSTART, ["scheduler={name: cosine}"]).to_dict()) if p != "imports"]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(REAL_PATHS), values), min_size=1, max_size=3))
 def test_random_values_at_every_real_key(pairs):
@@ -76,6 +80,7 @@ paths = st.sampled_from(["optimizer.lr", "model.hidden", "train.max_steps", "dat
                          "train.monitor", "x.y.z", ""]) | st.text(max_size=10)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.tuples(paths, st.text(max_size=12) | st.sampled_from(NAMES + ["[1, 2]", "{a: 1}", "null"])),
                 max_size=3))
@@ -84,6 +89,7 @@ def test_random_overrides(pairs):
     loads_or_config_error(QUICKSTART, overrides)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.text(max_size=200))
 def test_random_yaml_text(tmp_path_factory, text):
