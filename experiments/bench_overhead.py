@@ -3,6 +3,8 @@
 Both loops train the same MLP on the same data with the same optimizer, show a tqdm bar
 and write TensorBoard scalars every 50 steps. Runs alternate (bare, trainer, bare, ...)
 so machine noise hits both alike; the figure is the median ratio of their per-step times.
+A per-step time is the steady state: from the end of step WARM to the end of the last
+step, so one-off setup and teardown (building, the final checkpoint) are left out.
 
     python experiments/bench_overhead.py                 # tiny and medium MLP
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from trainer import Trainer, datasets, load_config
 
 # name: (widths, data section, loss)
+WARM = 100
 MODELS = {
     "tiny": ([32, 64, 64, 1], "{name: regression, in_features: 32, n_samples: N, val_fraction: 0.0}", "mse"),
     "medium": ([256, 512, 512, 10], "{name: classification, n_features: 256, n_classes: 10, n_samples: N, "
@@ -62,7 +65,6 @@ def bare_loop(cfg) -> float:
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
         bar = tqdm(total=steps, file=sys.stdout, mininterval=0.5)
-        start = time.perf_counter()
         step = 0
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -74,19 +76,31 @@ def bare_loop(cfg) -> float:
             bar.update()
             if step % 50 == 0:
                 writer.add_scalar("train/loss", loss.item(), step)
+            if step == WARM:
+                start = time.perf_counter()
             if step == steps:
                 break
         elapsed = time.perf_counter() - start
         bar.close()
         writer.close()
-    return elapsed / steps
+    return elapsed / (steps - WARM)
+
+
+class TimedTrainer(Trainer):
+    """The Trainer with a clock read after step WARM and after the last step (nothing else changes)."""
+
+    def on_step(self) -> None:
+        super().on_step()
+        if self.step == WARM:
+            self.start = time.perf_counter()
+        elif self.step == self.cfg.train.max_steps:
+            self.stop = time.perf_counter()
 
 
 def trainer_loop(cfg) -> float:
-    trainer = Trainer(cfg)
-    start = time.perf_counter()
+    trainer = TimedTrainer(cfg)
     trainer.fit()
-    return (time.perf_counter() - start) / trainer.step
+    return (trainer.stop - trainer.start) / (trainer.step - WARM)
 
 
 def measure(model: str, steps: int, repeats: int, extra: list[str] = ()) -> tuple[float, float, float]:

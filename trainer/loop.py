@@ -56,6 +56,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
 
 
+NULL = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -63,9 +66,13 @@ def seed_everything(seed: int) -> None:
 
 
 def grad_norm(model: torch.nn.Module) -> float:
-    """The 2-norm of all parameter grads together (one sync)."""
-    norms = [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    """The 2-norm of all parameter grads together (one fused reduction, one sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
+        return float(torch.nn.utils.get_total_norm(grads))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 class Trainer:
@@ -257,11 +264,11 @@ class Trainer:
 
     # --- measuring ------------------------------------------------------------------------
 
-    def check_finite(self) -> torch.Tensor:
+    def check_finite(self, weights: bool = False) -> torch.Tensor:
         """The losses since the last log, after one sync; NonFiniteLoss names the first bad step.
 
-        The weights are checked too: a non-finite gradient leaves its own step's loss finite
-        but poisons the weights, which must never reach a checkpoint.
+        With ``weights``, before a checkpoint, the weights are checked too: a non-finite
+        gradient leaves its own step's loss finite but poisons the weights.
         """
         losses = torch.stack(self._window).float() if self._window else torch.zeros(0)
         finite = torch.isfinite(losses)
@@ -270,7 +277,7 @@ class Trainer:
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0])
             raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
-        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+        if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NonFiniteLoss(self.step, float("nan"), what="the weights are")
         return losses
 
@@ -340,8 +347,8 @@ class Trainer:
     # --- state ----------------------------------------------------------------------------
 
     def save(self, best: bool = False) -> None:
-        """Checkpoint (rank 0), after checking that the steps since the last log were finite."""
-        self.check_finite()
+        """Checkpoint (rank 0), after checking that the losses since the last log and the weights are finite."""
+        self.check_finite(weights=True)
         if self._saved_at == self.step and not best:
             return
         self._saved_at = self.step
@@ -382,7 +389,7 @@ class Trainer:
 
     def no_sync(self, last: bool):
         """DDP's no_sync on all but the last micro-batch, so gradients are all-reduced once per step."""
-        return self.ddp.no_sync() if self.env.distributed and not last else contextlib.nullcontext()
+        return self.ddp.no_sync() if self.env.distributed and not last else NULL
 
     @contextlib.contextmanager
     def signals(self):
