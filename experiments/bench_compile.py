@@ -1,0 +1,73 @@
+"""A torch.compile'd model with every twin swapped in against the same model compiled native, per training step.
+
+Both are compiled once (warm-up not timed), then timed interleaved, one thread: forward,
+loss, backward and an SGD step on the same batch. Reports each one's compile time too.
+
+    python experiments/bench_compile.py
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from trainer import layers
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.LayerNorm(512), nn.GELU(), nn.Linear(512, 512), nn.SiLU(),
+                         nn.Dropout(0.1), nn.Linear(512, 10))
+
+
+def step_fn(net: nn.Module):
+    loss_fn = nn.CrossEntropyLoss()
+    layers.swap(loss_fn, {"default": layers.impl_of(net[0])[1]})
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    compiled = torch.compile(net)
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(compiled(x), y).backward()
+        opt.step()
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=30)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    x, y = torch.randn(args.batch, 256), torch.randint(0, 10, (args.batch,))
+    native = model()
+    custom = layers.swap(copy.deepcopy(native), {"default": "custom"})
+    steps, compile_s = {}, {}
+    for name, net in (("native", native), ("custom", custom)):
+        steps[name] = step_fn(net)
+        start = time.perf_counter()
+        steps[name](x, y)
+        steps[name](x, y)
+        compile_s[name] = time.perf_counter() - start
+    times = {"native": [], "custom": []}
+    for _ in range(args.rounds):
+        for name in times:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name](x, y)
+            times[name].append((time.perf_counter() - start) / args.steps)
+    ratio = statistics.median(c / n for c, n in zip(times["custom"], times["native"]))
+    print(f"compiled MLP 256-512-512-10 (layer_norm, gelu, silu, dropout, cross_entropy), batch {args.batch}")
+    for name in times:
+        print(f"{name:7} {statistics.median(times[name]) * 1e3:8.3f} ms/step   first two steps (compile) "
+              f"{compile_s[name]:6.1f} s")
+    print(f"custom / native: {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
