@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from trainer import Trainer
 
 # Small tensors on a shared 2-core machine: a second intra-op thread costs more in
 # synchronisation than it saves (a float64 conv gradcheck took 8-30 s with two threads, ~1 s with one).
@@ -32,3 +35,15 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -> 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
+
+
+class StopAt(Trainer):
+    """Delivers a real SIGINT to this process after step ``at``, as Ctrl-C would."""
+
+    at = 0
+
+    def train_step(self, batches):
+        loss = super().train_step(batches)
+        if self.step + 1 == self.at:
+            signal.raise_signal(signal.SIGINT)
+        return loss

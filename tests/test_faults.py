@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import planted_layers  # noqa: F401  registers the poisoned layer and the marked dataset
-from conftest import QUICKSTART
+from conftest import QUICKSTART, StopAt
 from trainer import Trainer, load_config
 from trainer.cli import main
 from trainer.loop import NonFiniteLoss
@@ -70,16 +70,6 @@ def test_killed_at_a_random_step_then_resumed_ends_bit_identical(tmp_path, unint
                              env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert_bit_equal(final_weights(run_dir), uninterrupted)
-
-
-class StopAt(Trainer):
-    at = 0
-
-    def train_step(self, batches):
-        loss = super().train_step(batches)
-        if self.step + 1 == self.at:
-            signal.raise_signal(signal.SIGINT)
-        return loss
 
 
 def interrupted_run(tmp_path, at: int):

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainer import Trainer, datasets
+from conftest import StopAt
 from trainer.loop import Interrupted, NonFiniteLoss
 
 
@@ -143,18 +144,6 @@ def test_runs_never_overwrite(quick):
     b = Trainer(quick("train.max_steps=1")).fit().run_dir
     assert (a.name, b.name) == ("version_0", "version_1") and a.parent == b.parent
     assert (a / "config.yaml").read_text() != "" and (b / "checkpoints" / "last.pt").is_file()
-
-
-class StopAt(Trainer):
-    """Delivers a real SIGINT to this process after step ``at``, as Ctrl-C would."""
-
-    at = 0
-
-    def train_step(self, batches):
-        loss = super().train_step(batches)
-        if self.step + 1 == self.at:
-            signal.raise_signal(signal.SIGINT)
-        return loss
 
 
 RESUMABLE = ["model={name: mlp, in_features: 10, out_features: 1, hidden: [16, 16], dropout: 0.2}",
