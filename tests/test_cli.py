@@ -117,13 +117,13 @@ def wait_for(path, proc, timeout=120.0):
         time.sleep(0.05)
 
 
-BIG_EPOCH = ["data.n_samples=100000", "data.batch_size=1", "data.val_fraction=0"]
+BIG_EPOCH = ["data.n_samples=50000", "data.batch_size=1", "data.val_fraction=0"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, sig, code):
-    # one epoch of 80,000 steps and no step cadence: the only checkpoint can be the one saved on the way out
+    # one epoch of 40,000 steps and no step cadence: the only checkpoint can be the one saved on the way out
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(QUICKSTART), f"log.dir={tmp_path}",
                              *BIG_EPOCH],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -137,7 +137,4 @@ def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, sig, code):
     ckpt = run_dir / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] > 0 and state["epoch"] == 0 and state["batch_in_epoch"] == state["step"]
-    resumed = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "--resume", str(run_dir), *BIG_EPOCH,
-                      f"train.max_steps={state['step'] + 3}", "train.max_epochs=null")  # overrides after options
-    assert resumed.returncode == 0, resumed.stderr
-    assert torch.load(ckpt, weights_only=True)["step"] == state["step"] + 3
+    assert proc.stdout == ""  # no result line for an interrupted run (resume: tests/test_faults.py)
