@@ -137,4 +137,4 @@ def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, sig, code):
     ckpt = run_dir / "checkpoints" / "last.pt"
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] > 0 and state["epoch"] == 0 and state["batch_in_epoch"] == state["step"]
-    assert proc.stdout == ""  # no result line for an interrupted run (resume: tests/test_faults.py)
+    assert out == ""  # no result line for an interrupted run (resume: tests/test_faults.py)

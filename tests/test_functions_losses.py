@@ -72,20 +72,22 @@ def test_cross_entropy_realistic_size_and_offset_logits():
     assert_twins_agree(nn.CrossEntropyLoss(), x, t)
 
 
-def test_cross_entropy_log_prob_output_has_the_right_grad():
-    """Its second output, log p, is differentiable (double backward relies on it): check it directly."""
+def test_cross_entropy_second_output_has_the_right_grad():
+    """Its second output, p (log p for probabilities), is differentiable (double backward relies on it)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    t = torch.tensor([0, 4, -100, 2])
     r = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    probs = torch.randn(4, 5, dtype=torch.float64, generator=gen).softmax(1)
+    for t, w in ((torch.tensor([0, 4, -100, 2]), WEIGHT.double()), (probs, None)):
+        def both(x):
+            loss, mid = CrossEntropyFunction.apply(x, t, w, -100, "mean", 0.1)
+            return loss + (mid * r).sum()
 
-    def both(x):
-        loss, logp = CrossEntropyFunction.apply(x, t, WEIGHT.double(), -100, "mean", 0.1)
-        return loss + (logp * r).sum()
-
-    torch.autograd.gradcheck(both, (x,))
-    torch.autograd.gradgradcheck(both, (x,))
-    _, logp = CrossEntropyFunction.apply(x, t, None, -100, "none", 0.0)
+        torch.autograd.gradcheck(both, (x,))
+        torch.autograd.gradgradcheck(both, (x,))
+    _, p = CrossEntropyFunction.apply(x, torch.tensor([0, 4, -100, 2]), None, -100, "none", 0.0)
+    torch.testing.assert_close(p, torch.softmax(x, 1))
+    _, logp = CrossEntropyFunction.apply(x, probs, None, -100, "none", 0.0)
     torch.testing.assert_close(logp, torch.log_softmax(x, 1))
 
 
