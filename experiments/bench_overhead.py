@@ -6,7 +6,7 @@ so machine noise hits both alike; the figure is the median ratio of their per-st
 A per-step time is the steady state: from the end of step WARM to the end of the last
 step, so one-off setup and teardown (building, the final checkpoint) are left out.
 
-    python experiments/bench_overhead.py                 # tiny and medium MLP
+    python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
 """
 from __future__ import annotations
@@ -103,19 +103,16 @@ def trainer_loop(cfg) -> float:
     return (trainer.stop - trainer.start) / (trainer.step - WARM)
 
 
-def measure(model: str, steps: int, repeats: int, extra: list[str] = ()) -> tuple[float, float, float]:
-    """Median (bare s/step, trainer s/step, ratio) over alternating runs; the bars go to a null stream."""
-    bare, ours, ratios = [], [], []
-    with tempfile.TemporaryDirectory() as logdir:
-        cfg = config(model, steps, logdir, list(extra))
-        for i in range(repeats + 1):
-            with contextlib.redirect_stdout(io.StringIO()):
-                b = bare_loop(cfg)
-                t = trainer_loop(cfg)
-            if i == 0:
-                continue  # warm-up
-            bare.append(b), ours.append(t), ratios.append(t / b)
-    return statistics.median(bare), statistics.median(ours), statistics.median(ratios)
+def measure(first, second, repeats: int) -> tuple[float, float, float]:
+    """Median (first s/step, second s/step, second/first) over alternating runs; bars go to a null stream."""
+    a, b, ratios = [], [], []
+    for i in range(repeats + 1):
+        with contextlib.redirect_stdout(io.StringIO()):
+            x, y = first(), second()
+        if i == 0:
+            continue  # warm-up
+        a.append(x), b.append(y), ratios.append(y / x)
+    return statistics.median(a), statistics.median(b), statistics.median(ratios)
 
 
 def main() -> None:
@@ -125,10 +122,16 @@ def main() -> None:
     p.add_argument("--model", choices=[*MODELS, "both"], default="both")
     args = p.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
-    print(f"{'model':8} {'bare ms/step':>13} {'trainer ms/step':>16} {'ratio':>7}")
-    for name in MODELS if args.model == "both" else [args.model]:
-        b, t, r = measure(name, args.steps, args.repeats)
-        print(f"{name:8} {b * 1e3:13.3f} {t * 1e3:16.3f} {r:7.3f}x")
+    print(f"{'comparison':44} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
+    with tempfile.TemporaryDirectory() as logdir:
+        for name in MODELS if args.model == "both" else [args.model]:
+            cfg = config(name, args.steps, logdir, [])
+            b, t, r = measure(lambda: bare_loop(cfg), lambda: trainer_loop(cfg), args.repeats)
+            print(f"{name + ' MLP: bare loop -> trainer':44} {b * 1e3:8.3f} {t * 1e3:8.3f} {r:7.3f}x", flush=True)
+        twins = config("tiny", args.steps, logdir, ["layers.default=custom"])
+        shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"])
+        a, b, r = measure(lambda: trainer_loop(twins), lambda: trainer_loop(shadow), args.repeats)
+        print(f"{'tiny MLP, twins: trainer -> + shadow every 50':44} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x")
 
 
 if __name__ == "__main__":

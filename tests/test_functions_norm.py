@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from trainer import layers
+from trainer.audit import as_function, gradcheck_case, prepare
+from trainer.functions import norm
 from trainer.functions.dropout import DropoutFunction
 from trainer.functions.norm import BatchNormFunction
 
@@ -87,6 +89,26 @@ def test_batch_norm_function_batched_grads_and_vmap():
     xs = torch.randn(5, 4, 3, 2, dtype=torch.float64, generator=gen)
     native = torch.stack([nn.functional.batch_norm(xi, None, None, w, b, training=True) for xi in xs])
     torch.testing.assert_close(torch.func.vmap(train, (0, None, None))(xs, w, b), native)
+
+
+@pytest.mark.parametrize("case", layers.get("layer_norm").cases(), ids=lambda c: c.id)
+def test_layer_norm_large_input_path_matches_native(monkeypatch, case):
+    """Above KEEP_X_HAT_NUMEL an affine LayerNorm keeps x and the row sums instead of x_hat: same results."""
+    monkeypatch.setattr(norm, "KEEP_X_HAT_NUMEL", 0)
+    spec = layers.get("layer_norm")
+    for dtype, tol in ((torch.float64, dict(rtol=1e-7, atol=1e-7)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
+        results = []
+        for impl in layers.IMPLS:
+            module, inputs = prepare(spec, case, dtype, impl)
+            fn, args = as_function(module, inputs)
+            out = fn(*args)
+            g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            results.append((out, *torch.autograd.grad(out, args, g)))
+        for tn, tc in zip(*results):
+            torch.testing.assert_close(tc, tn, **tol)
+    if case.gradcheck:
+        failed = [r for r in gradcheck_case(spec, case) if not r.ok]
+        assert not failed, "\n".join(f"{r.check}: {r.message}" for r in failed)
 
 
 def test_layer_norm_and_batch_norm_bf16_input_fp32_params_match_native_dtypes():

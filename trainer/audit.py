@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from trainer import layers
+from trainer.checkpoint import reseed
 from trainer.layers import Case, LayerSpec
 
 
@@ -55,7 +56,7 @@ def as_function(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int =
         # mutated in place under torch.func transforms (which forbid it)
         params.update({n: b.clone() for n, b in module.named_buffers()})
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            reseed("cpu", seed)
             return torch.func.functional_call(module, params, tuple(xs))
 
     args = tuple(inputs[i] for i in diff) + tuple(dict(module.named_parameters())[n] for n in names)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from trainer import layers
+from trainer.checkpoint import reseed
 from trainer.compare import LOSS, TensorDiff, diff, swapped_layers
 
 
@@ -43,7 +44,8 @@ class Shadow:
         def hook(module, args, out):
             if path in self.seen:  # accumulation runs a layer several times a step: keep the first
                 return
-            rec = self.seen[path] = {"args": [a.detach() if isinstance(a, torch.Tensor) else a for a in args]}
+            rec = self.seen[path] = {"args": [a.detach() if isinstance(a, torch.Tensor) else a for a in args],
+                                     "wants": [isinstance(a, torch.Tensor) and a.requires_grad for a in args]}
             if out.requires_grad:
                 out.register_hook(lambda g: rec.setdefault("grad", g.detach()))
         return hook
@@ -87,8 +89,9 @@ class Shadow:
 
     @staticmethod
     def _rerun(module: nn.Module, rec: dict):
-        args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                for a in rec["args"]]
+        # the first argument always (a layer's input grad is compared even where training needs none)
+        args = [a.clone().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                and (i == 0 or wants) else a for i, (a, wants) in enumerate(zip(rec["args"], rec["wants"]))]
         wrt = {("input_grad" if i == 0 else f"arg{i}_grad"): a for i, a in enumerate(args)
                if isinstance(a, torch.Tensor) and a.requires_grad}
         wrt.update({n: p for n, p in module.named_parameters() if p.requires_grad})
@@ -100,8 +103,10 @@ class Shadow:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.manual_seed(0)  # the same dropout mask both ways
+        device = next(iter(wrt.values()), rec["grad"]).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            reseed(device, 0)  # the same dropout mask both ways
             out = module(*args)
         grads = torch.autograd.grad(out, list(wrt.values()), rec["grad"], allow_unused=True)
         grads = {k: g if g is not None else torch.zeros_like(v) for (k, v), g in zip(wrt.items(), grads)}
