@@ -138,3 +138,10 @@ def test_interrupt_saves_a_checkpoint_and_exits(tmp_path, sig, code):
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] > 0 and state["epoch"] == 0 and state["batch_in_epoch"] == state["step"]
     assert out == ""  # no result line for an interrupted run (resume: tests/test_faults.py)
+
+
+def test_a_sweep_with_one_bad_combination_writes_nothing(tmp_path, capsys):
+    from trainer.cli import main
+    assert main(["run", str(QUICKSTART), f"log.dir={tmp_path}", "train.max_steps=2",
+                 "--sweep", "optimizer.lr=0.1,-1"]) == 2  # -1 is caught when the second optimizer is built
+    assert "optimizer.lr" in capsys.readouterr().err and not (tmp_path / "quickstart").exists()

@@ -56,9 +56,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume and args.sweep:
         raise ConfigError("--resume", "cannot be combined with --sweep", suggestion="resume one run at a time")
     configs = [load_config(args.config, [*args.overrides, *combo]) for combo in sweep_overrides(args.sweep)]
-    trainers = [Trainer(configs[0], resume=args.resume)] if len(configs) == 1 else None
-    for i, cfg in enumerate(configs):
-        trainer = trainers[0] if trainers else Trainer(cfg)
+    if len(configs) > 1:
+        for cfg in configs:  # build every combination once before any run writes anything
+            Trainer(cfg)
+    for cfg in configs:
+        trainer = Trainer(cfg, resume=args.resume)
         result = trainer.fit()
         if trainer.env.main:
             shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items()))
@@ -113,6 +115,8 @@ def import_user_modules(args: argparse.Namespace) -> None:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
+    import torch
+
     from trainer import layers
     from trainer.audit import saved_bytes_in_model
 
@@ -122,14 +126,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
         case = spec.cases()[0] if spec.cases() else None
         per_elem = "-"
         if case is not None:
-            numel = case.inputs(__import__("torch").Generator().manual_seed(0))[0].numel()
+            numel = case.inputs(torch.Generator().manual_seed(0))[0].numel()
             c, n = (saved_bytes_in_model(spec, case, impl) / numel for impl in ("custom", "native"))
             per_elem = f"{c:.3g} / {n:.3g}"
         natives = ", ".join(n.__name__ for n, _ in spec.pairs)
         customs = ", ".join(c.__name__ for _, c in spec.pairs)
-        yes = {True: "yes", False: "no"}
-        rows.append([spec.name, natives, customs, spec.saves or "-", per_elem, yes[spec.double_backward],
-                     yes[spec.vmap], yes[spec.compile]])
+        flags = ["yes" if flag else "no" for flag in (spec.double_backward, spec.vmap, spec.compile)]
+        rows.append([spec.name, natives, customs, spec.saves or "-", per_elem, *flags])
     print(table(rows, ["layer", "native", "custom", "custom saves", "B/elem custom / native",
                        "double bwd", "vmap", "compile"]))
     return 0
