@@ -170,8 +170,7 @@ def swap_only(model: nn.Module, loss_fn, paths: Iterable[str], impl: str = "cust
     """Switch just the module instances at ``paths`` (``loss`` for the loss module)."""
     for path in paths:
         module = loss_fn if path == LOSS else model.get_submodule(path)
-        name, _ = layers.impl_of(module)
-        native, custom = next((n, c) for n, c in layers.get(name).pairs if type(module) in (n, c))
+        _, native, custom = layers.pair_of(module)
         module.__class__ = custom if impl == "custom" else native
 
 

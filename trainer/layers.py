@@ -173,16 +173,20 @@ def swap(model: nn.Module, mapping: Mapping[str, str]) -> nn.Module:
     return model
 
 
-def impl_of(module: nn.Module) -> tuple[str, str] | None:
-    """``(layer name, "native"|"custom")`` for a registry layer instance, else None."""
+def pair_of(module: nn.Module) -> tuple[str, type[nn.Module], type[nn.Module]] | None:
+    """``(layer name, native class, custom class)`` for a registry layer instance, else None."""
     _load_builtins()
     for spec in _SPECS.values():
         for native, custom in spec.pairs:
-            if type(module) is native:
-                return spec.name, "native"
-            if type(module) is custom:
-                return spec.name, "custom"
+            if type(module) in (native, custom):
+                return spec.name, native, custom
     return None
+
+
+def impl_of(module: nn.Module) -> tuple[str, str] | None:
+    """``(layer name, "native"|"custom")`` for a registry layer instance, else None."""
+    found = pair_of(module)
+    return None if found is None else (found[0], "native" if type(module) is found[1] else "custom")
 
 
 def _load_builtins() -> None:

@@ -69,8 +69,8 @@ class Shadow:
         return values
 
     def compare_layer(self, module: nn.Module, rec: dict) -> list[tuple[TensorDiff, tuple[int, int]]]:
-        name, impl = layers.impl_of(module)
-        native_cls, custom_cls = next((n, c) for n, c in layers.get(name).pairs if type(module) in (n, c))
+        _, native_cls, custom_cls = layers.pair_of(module)
+        was = type(module)
         buffers = {k: b.clone() for k, b in module.named_buffers()}
         results = {}
         try:
@@ -80,7 +80,7 @@ class Shadow:
                 for k, b in module.named_buffers():
                     b.copy_(buffers[k])
         finally:
-            module.__class__ = custom_cls if impl == "custom" else native_cls
+            module.__class__ = was
         (out_n, grads_n, bytes_n), (out_c, grads_c, bytes_c) = results[native_cls], results[custom_cls]
         diffs = [diff("output", "layer_output", out_c, out_n, self.rtol, self.atol)]
         diffs += [diff(k, "input_grad" if k.endswith("_grad") else "param_grad", grads_c[k], grads_n[k],
