@@ -91,8 +91,8 @@ def test_cross_entropy_second_output_has_the_right_grad():
     torch.testing.assert_close(logp, torch.log_softmax(x, 1))
 
 
-def test_cross_entropy_keeps_log_probs_not_logits():
-    """Inside a model it saves what native saves (log p), so the logits themselves can be freed."""
+def test_cross_entropy_keeps_probs_not_logits():
+    """Inside a model it saves p (native: log p, as many bytes), so the logits themselves can be freed."""
     x = torch.randn(8, 10, requires_grad=True)
     t = torch.randint(10, (8,))
     saved = {}

@@ -1,15 +1,18 @@
 """Elementwise activations: math helpers, then the Function, then the twin, one block per op.
 
 Native kernels are one fused pass; these twins are several torch ops, written to stay close:
-- Temporaries are updated in place and few are alive at once: on CPU a fresh multi-MB tensor
-  (page faults) costs more than a pass over one that is reused.
+- Few ops: on 1e4 elements each op costs about as much in dispatch as in arithmetic, so the
+  formulas are arranged for the fewest ops, and numbers that arithmetic ops take are 0-dim
+  tensors made once per dtype (``_Consts``), since a Python number is wrapped in a fresh
+  tensor on every call (~2.5 µs, as much as the op). ``clamp`` takes its bounds as they are.
+- Few fresh tensors: on CPU a fresh multi-MB tensor (page faults) costs more than a pass over
+  one that is reused, so temporaries are updated in place, and backward multiplies g into
+  its own temporary (``_times``) wherever that is safe.
 - In-place ops are limited to those with vmap batching rules (not ``clamp_(a, b)``, ``addcmul_``,
-  ``lerp_``), never write a saved tensor (double backward), and never write a tensor computed
-  from x or y alone with one computed from g (vmap over g), so backward ends with ``g * f``.
-- Branches are chosen with float masks from ``sign`` and ``clamp`` and combined exactly (with m
-  in {0, 1}, ``m*a + (1-m)*b``, ``max(m, s)`` or ``lerp(a, b, m)`` pick a or b bit for bit when
-  both are finite), not with ``torch.where``: on CPU, bool tensors and ``where`` run 4-20x
-  slower than a float add.
+  ``lerp_``, ``square_``) and never write a saved tensor (double backward).
+- Branches are chosen with float masks from ``sign``, ``clamp`` and float overflow, combined
+  exactly (with m in {0, 1}, ``max(m, s)`` picks 1 or s, ``max(v - m * big, x)`` picks v or x),
+  not with ``torch.where``: on CPU, bool tensors and ``where`` run 4-20x slower than a float add.
 Half and bfloat16 are computed in float32 and rounded once, as native kernels do.
 """
 from __future__ import annotations
@@ -51,9 +54,54 @@ def _spread(*shape: int, scale: float, kinks: tuple[float, ...], gap: float = 0.
 _EDGES = (-math.inf, -1e30, -100.0, -20.0, -3.0, -1.0, -1e-8, -0.0, 0.0, 1e-8, 1.0, 3.0, 20.0, 100.0, 1e30, math.inf)
 
 
-def _up(t: torch.Tensor) -> torch.Tensor:
-    """float32 for half/bfloat16 (native kernels compute in float32 and round once), else ``t``."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+_LOW = (torch.float16, torch.bfloat16)
+
+
+class _Consts:
+    """The numbers ``make(dtype)`` as 0-dim tensors, for arithmetic with a tensor of that dtype.
+
+    An arithmetic op given a Python number wraps it in a fresh 0-dim tensor on every call
+    (~2.5 µs, as much as the op itself on 1e4 elements); a 0-dim CPU tensor is taken as a
+    scalar operand as it is. Those for float32 and float64 on CPU are made once, here; other
+    devices get theirs made at each call.
+    """
+
+    def __init__(self, make):
+        self.make = make
+        self.cpu = {dt: tuple(torch.tensor(v, dtype=dt) for v in make(dt)) for dt in (torch.float32, torch.float64)}
+
+    def of(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        k = self.cpu.get(t.dtype) if t.is_cpu else None
+        return k if k is not None else tuple(torch.tensor(v, dtype=t.dtype, device=t.device) for v in self.make(t.dtype))
+
+
+_NONE = _Consts(lambda dt: ())
+
+
+def _compute(fn, consts: _Consts, t: torch.Tensor, *args):
+    """``fn(t, *args, k)`` with k the constants for t's dtype; half and bfloat16 tensors are computed
+    in float32 and the result rounded once, as native kernels do. (One call layer: on 1e4
+    elements each Python frame and check between the Function and its ops is measurable.)
+    """
+    if t.dtype in _LOW:
+        t, low = t.float(), t.dtype
+        return fn(t, *(a.float() if isinstance(a, torch.Tensor) else a for a in args), consts.of(t)).to(low)
+    k = consts.cpu.get(t.dtype) if t.is_cpu else None
+    return fn(t, *args, k if k is not None else consts.of(t))
+
+
+def _times(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``g * f``, written into ``f``, a fresh temporary the caller owns, where that is safe.
+
+    Not when g may be batched where f is not (vmapped over grad_outputs by a torch.func transform,
+    or by ``autograd.grad(is_grads_batched=True)``, as gradcheck does): a batched value cannot be
+    written into an unbatched tensor. Nor with grad mode on (create_graph: the product is recorded
+    as usual), nor while compiling.
+    """
+    if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            or torch._C._functorch.is_legacy_batchedtensor(g)):
+        return g * f
+    return f.mul_(g)
 
 
 def _step(t: torch.Tensor, at: float = 0.0) -> torch.Tensor:
@@ -66,10 +114,10 @@ def _step(t: torch.Tensor, at: float = 0.0) -> torch.Tensor:
 
 def relu_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # d relu/dx = 0 where y <= 0, else 1: native's threshold_backward(g, y, 0), so 0 at x == 0 and g at NaN.
-    # The 0/1 mask is float arithmetic (bool-tensor kernels run ~10x slower on some CPUs): y·max is 0 at 0
-    # and >= 1 for every normal y > 0, clamped to 1, NaN -> 1. It is a constant of y (relu'' = 0): detached.
-    mask = (y.detach() * torch.finfo(y.dtype).max).clamp_(max=1).nan_to_num_(nan=1.0)
-    return g * mask
+    # The 0/1 mask is float arithmetic (bool-tensor kernels run ~10x slower on some CPUs): y >= 0, so
+    # sign(y) is 1 for every y > 0 (subnormals too) and 0 at 0; NaN is made 1 first (sign(NaN) is 0).
+    # It is a constant of y (relu'' = 0): detached.
+    return _times(g, y.detach().nan_to_num(1.0).sign_())
 
 
 class ReLUFunction(torch.autograd.Function):
@@ -117,14 +165,19 @@ def _leaky_slope(t: torch.Tensor, slope: float) -> torch.Tensor:
     return torch.add(m, 1 - m, alpha=slope)
 
 
-def leaky_relu(x: torch.Tensor, slope: float) -> torch.Tensor:
-    # y = x if x > 0 else slope * x (the same product as native, so slope 0 keeps inf and 0 * -inf is NaN)
-    return _leaky_slope(x, slope).mul_(x)
+def leaky_relu(x: torch.Tensor, slope: float, k=()) -> torch.Tensor:
+    # y = x if x > 0 else slope * x, the same product as native. For slope <= 1 (negative too) that
+    # is the larger of x and slope * x, for slope > 1 the smaller; slope 0 keeps x = inf (0 * inf
+    # is NaN) by a 0/1 mask, and gives NaN at -inf like native.
+    if slope == 0:
+        return torch.sign(x).clamp_min_(0).mul_(x)
+    xs = x.mul(slope)
+    return xs.clamp_min_(x) if slope < 1 else xs.clamp_max_(x)
 
 
-def leaky_relu_backward(g: torch.Tensor, t: torch.Tensor, slope: float) -> torch.Tensor:
+def leaky_relu_backward(g: torch.Tensor, t: torch.Tensor, slope: float, k=()) -> torch.Tensor:
     # d/dx = 1 where x > 0, else slope; t is y when slope >= 0 (then y > 0 exactly where x > 0)
-    return g * _leaky_slope(t, slope)
+    return _times(g, _leaky_slope(t, slope))
 
 
 class LeakyReLUFunction(torch.autograd.Function):
@@ -132,7 +185,7 @@ class LeakyReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, slope):
-        return leaky_relu(_up(x), slope).to(x.dtype)
+        return _compute(leaky_relu, _NONE, x, slope)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -144,7 +197,7 @@ class LeakyReLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (t,) = ctx.saved_tensors
-        return leaky_relu_backward(_up(g), _up(t), ctx.slope).to(g.dtype), None
+        return _compute(leaky_relu_backward, _NONE, g, t, ctx.slope), None
 
 
 class CustomLeakyReLU(nn.LeakyReLU):
@@ -173,15 +226,25 @@ layers.register(
 
 # --- elu --------------------------------------------------------------------------------
 
-def elu(x: torch.Tensor, alpha: float) -> torch.Tensor:
+_ELU = _Consts(lambda dt: (1.0,))
+
+
+def elu(x: torch.Tensor, alpha: float, k) -> torch.Tensor:
     # y = x if x > 0 else alpha * (e^x - 1), with e^x - 1 as native computes it (expm1 costs 2x exp)
-    return x.clamp_min(0).add_(x.clamp_max(0).exp_().sub_(1), alpha=alpha)
+    (one,) = k
+    neg = x.clamp_max(0).exp_().sub_(one)
+    if 0 <= alpha <= 1:  # alpha (e^min(x, 0) - 1) is 0 for x > 0 and >= x for x <= 0: the larger of the two
+        return (neg.mul_(alpha) if alpha != 1 else neg).clamp_min_(x)
+    return x.clamp_min(0).add_(neg, alpha=alpha)
 
 
-def elu_backward(g: torch.Tensor, t: torch.Tensor, alpha: float, t_is_y: bool) -> torch.Tensor:
+def elu_backward(g: torch.Tensor, t: torch.Tensor, alpha: float, t_is_y: bool, k) -> torch.Tensor:
     # d/dx = 1 where x > 0, else alpha * e^x = y + alpha (alpha at x == 0, like native)
+    if t_is_y and alpha == 1:  # y + 1 is above 1 exactly where y > 0
+        (one,) = k
+        return _times(g, (t + one).clamp_max_(1))
     if t_is_y and alpha <= 1:  # sign(y) is 1, 0 or -1 and y + alpha is in [0, alpha]: the larger is the slope
-        return g * torch.sign(t.detach()).clamp_min_(t.clamp_max(0).add_(alpha))
+        return _times(g, torch.sign(t.detach()).clamp_min_(t.clamp_max(0).add_(alpha)))
     neg = t.clamp_max(0).add_(alpha) if t_is_y else torch.exp(t.clamp_max(0)) * alpha
     return g * torch.lerp(neg, neg.new_ones(()), _step(t))  # lerp with weight 0 or 1 picks exactly
 
@@ -191,7 +254,7 @@ class ELUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, alpha):
-        return elu(_up(x), alpha).to(x.dtype)
+        return _compute(elu, _ELU, x, alpha)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -203,7 +266,7 @@ class ELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (t,) = ctx.saved_tensors
-        return elu_backward(_up(g), _up(t), ctx.alpha, ctx.t_is_y).to(g.dtype), None
+        return _compute(elu_backward, _ELU, g, t, ctx.alpha, ctx.t_is_y), None
 
 
 class CustomELU(nn.ELU):
@@ -232,34 +295,35 @@ layers.register(
 # --- gelu -------------------------------------------------------------------------------
 
 _SQRT1_2 = 1 / math.sqrt(2)             # 'none': Phi(x) = (1 + erf(x / sqrt 2)) / 2
-_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)  # phi(x) = e^(-x^2/2) / sqrt(2 pi)
 _TANH_BETA = math.sqrt(2 / math.pi)     # 'tanh': z = beta * (x + kappa x^3)
 _TANH_KAPPA = 0.044715
+_LOG2E = 1 / math.log(2)
+# 0, 1, 1/2, 1/sqrt 2, log2 sqrt(2/pi), 2 beta
+_GELU = _Consts(lambda dt: (0.0, 1.0, 0.5, _SQRT1_2, math.log2(math.sqrt(2 / math.pi)), 2 * _TANH_BETA))
 
 
-def gelu(x: torch.Tensor, approximate: str) -> torch.Tensor:
+def gelu(x: torch.Tensor, approximate: str, k) -> torch.Tensor:
+    _, one, half, sqrt1_2, _, two_beta = k
     if approximate == "tanh":
-        # y = x/2 (1 + tanh z) = x sigmoid(2z), with 2z = 2 beta (x + kappa x^3)
-        return (x * x).mul_(2 * _TANH_BETA * _TANH_KAPPA).add_(2 * _TANH_BETA).mul_(x).sigmoid_().mul_(x)
+        # y = x/2 (1 + tanh z) = x sigmoid(2z), with 2z = 2 beta (1 + kappa x^2) x
+        return torch.addcmul(two_beta, x, x, value=2 * _TANH_BETA * _TANH_KAPPA).mul_(x).sigmoid_().mul_(x)
     # y = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
-    return (x * _SQRT1_2).erf_().add_(1).mul_(x).mul_(0.5)
+    return x.mul(sqrt1_2).erf_().add_(one).mul_(x).mul_(half)
 
 
-def _gelu_slope(x: torch.Tensor) -> torch.Tensor:
-    """Phi(x) + x phi(x), in a helper so that its temporaries are freed before ``g *`` it is allocated."""
-    x_pdf = (x * x).mul_(-0.5).exp_().mul(x)  # sqrt(2 pi) x phi(x)
-    return (x * _SQRT1_2).erf_().add_(1).mul_(0.5).add_(x_pdf, alpha=_INV_SQRT_2PI)
-
-
-def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str, k) -> torch.Tensor:
+    zero, one, half, sqrt1_2, log2_c, two_beta = k
     if approximate == "tanh":
         # d/dx x s(2z) = s + x s (1 - s) 2z' = s (1 + (1 - s) w), s = sigmoid(2z), w = 2 beta (x + 3 kappa x^3)
-        x2 = x * x
-        s = (x2 * (2 * _TANH_BETA * _TANH_KAPPA)).add_(2 * _TANH_BETA).mul_(x).sigmoid_()
-        w = x2.mul_(6 * _TANH_BETA * _TANH_KAPPA).add_(2 * _TANH_BETA).mul_(x)
-        return torch.lerp(g, g.new_zeros(()), s).mul_(w).add_(g).mul_(s)  # (g (1 - s) w + g) s
-    # d/dx x Phi(x) = Phi(x) + x phi(x)
-    return g * _gelu_slope(x)
+        s = torch.addcmul(two_beta, x, x, value=2 * _TANH_BETA * _TANH_KAPPA).mul_(x).sigmoid_()
+        w = torch.addcmul(two_beta, x, x, value=6 * _TANH_BETA * _TANH_KAPPA).mul_(x)
+        return torch.lerp(g, zero, s).mul_(w).add_(g).mul_(s)  # (g (1 - s) w + g) s
+    # d/dx x Phi(x) = Phi(x) + x phi(x) = (1 + erf(x / sqrt 2) + 2 x phi(x)) / 2, with
+    # 2 phi(x) = sqrt(2/pi) e^(-x^2/2) = 2^(log2 sqrt(2/pi) - x^2 log2(e) / 2) (exp2 is ~2x cheaper than exp)
+    x_pdf = torch.addcmul(log2_c, x, x, value=-_LOG2E / 2).exp2_()
+    # exp2's backward keeps its output: with create_graph it must not be written
+    x_pdf = x_pdf * x if torch.is_grad_enabled() else x_pdf.mul_(x)
+    return _times(g, x.mul(sqrt1_2).erf_().add_(x_pdf).add_(one).mul_(half))
 
 
 class GELUFunction(torch.autograd.Function):
@@ -269,7 +333,7 @@ class GELUFunction(torch.autograd.Function):
     def forward(x, approximate):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
-        return gelu(_up(x), approximate).to(x.dtype)
+        return _compute(gelu, _GELU, x, approximate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -279,7 +343,7 @@ class GELUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return gelu_backward(_up(g), _up(x), ctx.approximate).to(g.dtype), None
+        return _compute(gelu_backward, _GELU, g, x, ctx.approximate), None
 
 
 class CustomGELU(nn.GELU):
@@ -307,15 +371,19 @@ layers.register(
 
 # --- silu -------------------------------------------------------------------------------
 
-def silu(x: torch.Tensor) -> torch.Tensor:
+_ZERO_ONE = _Consts(lambda dt: (0.0, 1.0))
+
+
+def silu(x: torch.Tensor, k) -> torch.Tensor:
     # y = x sigmoid(x)
     return torch.sigmoid(x).mul_(x)
 
 
-def silu_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def silu_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
     # d/dx x s(x) = s (1 + x (1 - s)), with s = sigmoid(x)
+    zero, _ = k
     s = torch.sigmoid(x)
-    return torch.lerp(g, g.new_zeros(()), s).mul_(x).add_(g).mul_(s)  # (g (1 - s) x + g) s
+    return torch.lerp(g, zero, s).mul_(x).add_(g).mul_(s)  # (g (1 - s) x + g) s
 
 
 class SiLUFunction(torch.autograd.Function):
@@ -323,7 +391,7 @@ class SiLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        return silu(_up(x)).to(x.dtype)
+        return _compute(silu, _NONE, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -332,7 +400,7 @@ class SiLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return silu_backward(_up(g), _up(x)).to(g.dtype)
+        return _compute(silu_backward, _ZERO_ONE, g, x)
 
 
 class CustomSiLU(nn.SiLU):
@@ -358,22 +426,25 @@ layers.register(
 # tanh(softplus x) = n / (n + 2) with n = e^x (e^x + 2). Above x = 20 it is 1 in float64
 # (2/n < 2^-53), so e^x is capped there and nothing overflows (e^x itself would above 88 in fp32).
 _MISH_CAP = 20.0
+_MISH = _Consts(lambda dt: (2.0, 4.0))
 
 
-def mish(x: torch.Tensor) -> torch.Tensor:
+def mish(x: torch.Tensor, k) -> torch.Tensor:
     # y = x tanh(softplus x) = x n / (n + 2)
+    two, _ = k
     e = x.clamp_max(_MISH_CAP).exp_()
-    n = (e + 2).mul_(e)
-    return n.div_(n + 2).mul_(x)
+    n = (e + two).mul_(e)
+    return n.div_(n + two).mul_(x)
 
 
-def mish_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def mish_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
     # d/dx = T + x sigmoid(x) (1 - T^2), T = n/d, d = n + 2: = (n + 4 x e (e + 1) / d) / d
+    two, four = k
     xc = x.clamp_max(_MISH_CAP)  # above the cap the second term is below float64 resolution
     e = torch.exp(xc)
-    n = (e + 2).mul_(e)
-    d = n + 2
-    return g * (n - e).mul_(xc).div_(d).mul_(4).add_(n).div_(d)
+    n = (e + two).mul_(e)
+    d = n + two
+    return _times(g, (n - e).mul_(xc).div_(d).mul_(four).add_(n).div_(d))  # n - e = e (e + 1)
 
 
 class MishFunction(torch.autograd.Function):
@@ -381,7 +452,7 @@ class MishFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        return mish(_up(x)).to(x.dtype)
+        return _compute(mish, _MISH, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -390,7 +461,7 @@ class MishFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return mish_backward(_up(g), _up(x)).to(g.dtype)
+        return _compute(mish_backward, _MISH, g, x)
 
 
 class CustomMish(nn.Mish):
@@ -420,9 +491,23 @@ def _max_exponent(lim: torch.finfo) -> float:
     return math.log(lim.max) * (1 - 1e-6)
 
 
-def softplus(x: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
+_SOFTPLUS = _Consts(lambda dt: (torch.finfo(dt).max, -torch.finfo(dt).max))  # the largest float, negated
+
+
+def _above(v: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Float mask of ``v > threshold``: -1 there, else 0 (NaN and -inf too, where v - v is NaN)."""
+    return v.clamp_max(threshold).sub_(v).sign_()
+
+
+def softplus(x: torch.Tensor, beta: float, threshold: float, k) -> torch.Tensor:
     # y = x if beta x > threshold else log(1 + e^(beta x)) / beta
-    v = x * beta if beta != 1 else x
+    v = x.mul(beta) if beta != 1 else x
+    if beta > 0 and threshold >= 0:
+        # Where beta x > threshold, the exponent is pushed to about -max, so the log branch is 0 there,
+        # below x > threshold / beta >= 0; elsewhere log(1 + e^v) / beta >= x. The larger of the two is y.
+        big, _ = k
+        sp = _above(v, threshold).mul_(big).add_(v).exp_().log1p_()
+        return (sp.div_(beta) if beta != 1 else sp).clamp_min_(x)
     m = _step(v, threshold)  # 1 where y = x
     # e^v is capped so that the log branch is finite where it is not taken and 0 * it vanishes
     cap = min(threshold, _max_exponent(torch.finfo(x.dtype)))
@@ -434,17 +519,11 @@ def softplus(x: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
     return sp.add_(m.neg_().add_(1).mul_(x).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf))
 
 
-def _softplus_slope(x: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
-    """1 where beta x > threshold, else sigmoid(beta x) (a helper: its temporaries die before ``g *`` it)."""
-    v = x * beta if beta != 1 else x
-    m = _step(v, threshold)
-    s = v.sigmoid_() if beta != 1 else torch.sigmoid(x)  # v is a temporary unless beta == 1
-    return m.clamp_min_(s)  # max(m, s) is 1 where m = 1, else s, since 0 <= s <= 1
-
-
-def softplus_backward(g: torch.Tensor, x: torch.Tensor, beta: float, threshold: float) -> torch.Tensor:
-    # d/dx = 1 if beta x > threshold else sigmoid(beta x) = e^(beta x) / (e^(beta x) + 1)
-    return g * _softplus_slope(x, beta, threshold)
+def softplus_backward(g: torch.Tensor, x: torch.Tensor, beta: float, threshold: float, k) -> torch.Tensor:
+    # d/dx = 1 if beta x > threshold else sigmoid(beta x): sigmoid(beta x + max), exactly 1, where above
+    _, neg_big = k
+    v = x.mul(beta) if beta != 1 else x
+    return _times(g, _above(v, threshold).mul_(neg_big).add_(v).sigmoid_())
 
 
 class SoftplusFunction(torch.autograd.Function):
@@ -452,7 +531,7 @@ class SoftplusFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, beta, threshold):
-        return softplus(_up(x), beta, threshold).to(x.dtype)
+        return _compute(softplus, _SOFTPLUS, x, beta, threshold)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -462,7 +541,7 @@ class SoftplusFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return softplus_backward(_up(g), _up(x), ctx.beta, ctx.threshold).to(g.dtype), None, None
+        return _compute(softplus_backward, _SOFTPLUS, g, x, ctx.beta, ctx.threshold), None, None
 
 
 class CustomSoftplus(nn.Softplus):
@@ -489,14 +568,16 @@ layers.register(
 
 # --- sigmoid ----------------------------------------------------------------------------
 
-def sigmoid(x: torch.Tensor) -> torch.Tensor:
+def sigmoid(x: torch.Tensor, k) -> torch.Tensor:
     # y = 1 / (1 + e^-x); e^-x = inf for very negative x gives exactly 0, no NaN
-    return x.neg().exp_().add_(1).reciprocal_()
+    _, one = k
+    return x.neg().exp_().add_(one).reciprocal_()
 
 
-def sigmoid_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def sigmoid_backward(g: torch.Tensor, y: torch.Tensor, k) -> torch.Tensor:
     # d/dx = y (1 - y); lerp(g, 0, y) = g (1 - y), exact also for y near 1
-    return torch.lerp(g, y.new_zeros(()), y).mul_(y)
+    zero, _ = k
+    return torch.lerp(g, zero, y).mul_(y)
 
 
 class SigmoidFunction(torch.autograd.Function):
@@ -504,7 +585,7 @@ class SigmoidFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        return sigmoid(_up(x)).to(x.dtype)
+        return _compute(sigmoid, _ZERO_ONE, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -513,7 +594,7 @@ class SigmoidFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
-        return sigmoid_backward(_up(g), _up(y)).to(g.dtype)
+        return _compute(sigmoid_backward, _ZERO_ONE, g, y)
 
 
 class CustomSigmoid(nn.Sigmoid):
@@ -536,15 +617,21 @@ layers.register(
 
 # --- tanh -------------------------------------------------------------------------------
 
-def tanh(x: torch.Tensor) -> torch.Tensor:
-    # tanh|x| = -u / (u + 2) with u = e^(-2|x|) - 1 in (-1, 0]: no overflow, no cancellation near 0
-    u = x.abs().mul_(-2).expm1_()
-    return u.div_(u + 2).copysign_(x)
+_TANH = _Consts(lambda dt: (0.0, 2.0))
 
 
-def tanh_backward(g: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def tanh(x: torch.Tensor, k) -> torch.Tensor:
+    # tanh x = u / (u + 2) with u = e^(2x) - 1: no cancellation near 0 (u ~ 2x), none for x < 0 (u in (-1, 0))
+    # and no overflow, x being clamped to ±20 first, where tanh is 1 within float64 rounding
+    _, two = k
+    u = x.clamp(-20, 20).mul_(two).expm1_()
+    return u.div_(u + two)
+
+
+def tanh_backward(g: torch.Tensor, y: torch.Tensor, k) -> torch.Tensor:
     # d/dx = 1 - y^2; lerp(g, 0, w) = g (1 - w)
-    return torch.lerp(g, y.new_zeros(()), y * y)
+    zero, _ = k
+    return torch.lerp(g, zero, y * y)
 
 
 class TanhFunction(torch.autograd.Function):
@@ -552,7 +639,7 @@ class TanhFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        return tanh(_up(x)).to(x.dtype)
+        return _compute(tanh, _TANH, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -561,7 +648,7 @@ class TanhFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (y,) = ctx.saved_tensors
-        return tanh_backward(_up(g), _up(y)).to(g.dtype)
+        return _compute(tanh_backward, _TANH, g, y)
 
 
 class CustomTanh(nn.Tanh):
@@ -584,19 +671,24 @@ layers.register(
 
 # --- hardsigmoid ------------------------------------------------------------------------
 
-def hardsigmoid(x: torch.Tensor) -> torch.Tensor:
+_HARDSIGMOID = _Consts(lambda dt: (3.0, 6.0, 9.0, 0.0))
+
+
+def hardsigmoid(x: torch.Tensor, k) -> torch.Tensor:
     # y = min(max(x + 3, 0), 6) / 6
-    return x.clamp(-3, 3).add_(3).div_(6)
+    three, six, _, _ = k
+    return x.clamp(-3, 3).add_(three).div_(six)
 
 
-def _hardsigmoid_slope(x: torch.Tensor) -> torch.Tensor:
-    """1/6 on the open interval (-3, 3), else 0 (NaN too): sign(|x| - 3) is -1 there, else 0 or 1."""
-    return x.detach().abs().sub_(3).sign_().clamp_max_(0).mul_(-1 / 6)
-
-
-def hardsigmoid_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # d/dx = 1/6 on the open interval (-3, 3), else 0 (also at -3 and 3, like native)
-    return g * _hardsigmoid_slope(x)
+def hardsigmoid_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
+    # d/dx = 1/6 on the open interval (-3, 3), else 0 (also at -3 and 3, like native, and at NaN).
+    # 9 - x^2 is positive exactly there (the float just below 3 squares to below 9), 0 at ±3 and
+    # negative beyond: its sign raised to 0 is the 0/1 mask (sign(NaN) = 0), a constant of x: detached.
+    # Native multiplies g by 1/6 rounded to float32 (in float64 too); g/6 here.
+    _, _, nine, zero = k
+    x = x.detach()
+    inside = torch.addcmul(nine, x, x, value=-1).sign_().clamp_min_(0)
+    return torch.addcmul(zero, g, inside, value=1 / 6)
 
 
 class HardsigmoidFunction(torch.autograd.Function):
@@ -604,7 +696,7 @@ class HardsigmoidFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        return hardsigmoid(_up(x)).to(x.dtype)
+        return _compute(hardsigmoid, _HARDSIGMOID, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -614,7 +706,7 @@ class HardsigmoidFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return hardsigmoid_backward(_up(g), _up(x)).to(g.dtype)
+        return _compute(hardsigmoid_backward, _HARDSIGMOID, g, x)
 
 
 class CustomHardsigmoid(nn.Hardsigmoid):
@@ -641,19 +733,38 @@ layers.register(
 
 # --- hardswish --------------------------------------------------------------------------
 
-def hardswish(x: torch.Tensor) -> torch.Tensor:
+def _hardswish_consts(dtype: torch.dtype) -> tuple[float, ...]:
+    # 3, 6, 1/2, and 3 * 2^-h, 2^h, 2^-h, where 2^(2h) is just above the largest float (h = 64 for float32)
+    h = math.frexp(torch.finfo(dtype).max)[1] // 2
+    return 3.0, 6.0, 0.5, 3.0 * 2.0**-h, 2.0**h, 2.0**-h
+
+
+_HARDSWISH = _Consts(_hardswish_consts)
+
+
+def hardswish(x: torch.Tensor, k) -> torch.Tensor:
     # y = x min(max(x + 3, 0), 6) / 6
-    return x.clamp(-3, 3).add_(3).mul_(x).div_(6)
+    three, six, *_ = k
+    return x.clamp(-3, 3).add_(three).mul_(x).div_(six)
 
 
-def hardswish_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # d/dx = 0 up to -3, x/3 + 1/2 on (-3, 3), 1 from 3 on (native: 0 at -3, 1 at 3).
-    # clamp(x, -3, 3)/3 + 1/2 is right on (-3, 3) and 1/2 too low below it, too high above it,
-    # where x - clamp(x, -b, b), b the float just below 3, is negative or positive (0 between).
-    b = 3 - 2 * torch.finfo(x.dtype).eps
-    xd = x.detach()
-    slope = x.clamp(-3, 3).div_(3).add_(0.5)
-    return g * slope.add_(xd.clamp(-b, b).sub_(xd).sign_(), alpha=0.5)
+def hardswish_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
+    # d/dx = 0 up to -3, x/3 + 1/2 on the open interval (-3, 3), 1 from 3 on (native: 0 at -3, 1 at 3).
+    # q = x/3 is in (-1, 1) exactly for x in (-3, 3) (the float just below 3, over 3, rounds below 1),
+    # so q 2^(2h) overflows to ±inf exactly outside, (1 - ulp) 2^(2h) being the largest float:
+    # x / (3 2^-h) 2^h is q 2^(2h) with q's rounding (the rest are powers of two). Scaled back by
+    # 2^-h twice (exact), plus 1/2, that is native's x/3 + 1/2 bit for bit, and ±inf outside, made 1 and 0.
+    three, _, half, three_down, up, down = k
+    if torch.is_grad_enabled():
+        # create_graph: the derivative of that would pass through 2^-2h, subnormal in float32.
+        # Instead clamp(x, -3, 3)/3 + 1/2, which is 1/2 too low below -3 and too high above 3,
+        # where clamp(x, -b, b) - x, b the float just below 3, is positive or negative (0 between).
+        b = 3 - 2 * torch.finfo(x.dtype).eps
+        xd = x.detach()
+        slope = x.clamp(-3, 3).div_(three).add_(half)
+        return g * slope.add_(xd.clamp(-b, b).sub_(xd).sign_(), alpha=0.5)
+    slope = x.div(three_down).mul_(up).mul_(down).mul_(down).add_(half).nan_to_num_(math.nan, 1.0, 0.0)
+    return _times(g, slope)
 
 
 class HardswishFunction(torch.autograd.Function):
@@ -661,7 +772,7 @@ class HardswishFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x):
-        return hardswish(_up(x)).to(x.dtype)
+        return _compute(hardswish, _HARDSWISH, x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -670,7 +781,7 @@ class HardswishFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return hardswish_backward(_up(g), _up(x)).to(g.dtype)
+        return _compute(hardswish_backward, _HARDSWISH, g, x)
 
 
 class CustomHardswish(nn.Hardswish):

@@ -24,6 +24,10 @@ def _opmath(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float() if t is not None and t.dtype in _LOW else t
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
 
@@ -209,43 +213,61 @@ def _along_classes(w: torch.Tensor, x: torch.Tensor, cdim: int) -> torch.Tensor:
     return w.view(-1, *[1] * (x.dim() - cdim - 1))
 
 
-def _class_index_terms(t, w, ignore_index, dtype):
-    """(valid, safe target, w_y): ignored positions get target 0 and weight 0."""
+def _class_index_terms(t, w, ignore_index, cdim):
+    """(valid, safe target, w_y or None), each with a size-1 class dim: ignored positions get target 0.
+
+    Without class weights w_y is ``valid`` itself, used as a 0/1 factor (None here).
+    """
+    t = t.unsqueeze(cdim)
     valid = t != ignore_index
-    ts = torch.where(valid, t, 0)
-    wy = valid.to(dtype) if w is None else torch.where(valid, w[ts], 0)
-    return valid, ts, wy
+    ts = t * valid                                        # integer times bool: no scalar operand to convert
+    return valid, ts, None if w is None else w[ts] * valid
 
 
 def cross_entropy_forward(x, t, w, ignore_index, reduction, eps):
-    """(L, log p) with L = (1−ε)·w_y·(−log p_y) + (ε/C)·Σ_c w_c(−log p_c), mean over Σ_valid w_y.
+    """(L, p) for class-index targets, (L, log p) for probabilities; L as ``nn.CrossEntropyLoss``.
 
-    Probability targets: L = −Σ_c w_c t'_c log p_c with t' = (1−ε)t + ε/C, mean over the N·d samples.
+    Class indices: L = (1−ε)·w_y·(−log p_y) + (ε/C)·Σ_c w_c(−log p_c), mean over Σ_valid w_y.
+    Only log p_y = z_y − log Σ e^z (z = x − max x) and, with smoothing, Σ_c w_c z_c are needed,
+    so z turns into p in place: one big buffer, and backward needs no exp.
+    Probabilities: L = −Σ_c w_c t'_c log p_c with t' = (1−ε)t + ε/C, mean over the N·d samples.
     """
     cdim = 1 if x.dim() > 1 else 0
     C = x.shape[cdim]
-    # log p = z − log Σ e^z with z = x − max x, in that order (as native log_softmax) for precision
-    z = x - x.amax(cdim, keepdim=True)
-    logp = z.sub_(z.exp().sum(cdim, keepdim=True).log_())
+    z = x - x.amax(cdim, keepdim=True) if C else x.clone()   # amax refuses an empty dim
     if t.is_floating_point():
+        # log p = z − log Σ e^z, in that order (as native log_softmax) for precision
+        logp = z.sub_(z.exp().sum(cdim, keepdim=True).log_())
         tw = t * (1 - eps) + eps / C if eps > 0 else t
         tw = tw if w is None else tw * _along_classes(w, x, cdim)
         return _reduce((logp * tw).sum(cdim).neg_(), reduction), logp
-    valid, ts, wy = _class_index_terms(t, w, ignore_index, x.dtype)
-    loss = -(logp.gather(cdim, ts.unsqueeze(cdim)).squeeze(cdim) * wy)
-    if eps > 0:
-        smooth = logp.sum(cdim) if w is None else logp.movedim(cdim, -1) @ w
-        loss = (1 - eps) * loss - (eps / C) * torch.where(valid, smooth, 0)
-    return (loss.sum() / wy.sum() if reduction == "mean" else _reduce(loss, reduction)), logp
+    valid, ts, wy = _class_index_terms(t, w, ignore_index, cdim)
+    wy = valid.to(x.dtype) if wy is None else wy
+    zy = z.gather(cdim, ts)
+    if eps > 0:                                           # Σ_c w_c z_c, before z turns into p
+        zw = z.sum(cdim, keepdim=True) if w is None else (z.movedim(cdim, -1) @ w).unsqueeze(cdim)
+    p = z.exp_()
+    s = p.sum(cdim, keepdim=True)
+    p = p.div_(s)
+    log_s = s.log_()
+    loss = (log_s - zy) * wy                              # w_y (−log p_y)
+    if eps > 0:                                           # Σ_c w_c (−log p_c) = Σw log Σe^z − Σ_c w_c z_c
+        smooth = torch.sub(log_s * (C if w is None else w.sum()), zw) * valid
+        loss = torch.add(loss * (1 - eps), smooth, alpha=eps / C)
+    if reduction == "none":
+        return loss.squeeze(cdim), p
+    return (loss.sum() / wy.sum() if reduction == "mean" else loss.sum()), p
 
 
-def cross_entropy_backward(g, g_logp, logp, t, w, ignore_index, reduction, eps, need_x, need_t):
-    """Grads w.r.t. the logits and (probabilities only) the target, from log p alone."""
-    cdim = 1 if logp.dim() > 1 else 0
-    C = logp.shape[cdim]
-    p = logp.exp()
+def cross_entropy_backward(g, g_mid, mid, t, w, ignore_index, reduction, eps, need_x, need_t):
+    """Grads w.r.t. the logits and (probabilities only) the target, from ``mid``: p, or log p for probabilities."""
+    cdim = 1 if mid.dim() > 1 else 0
+    C = mid.shape[cdim]
+    probs = t.is_floating_point()
+    p = mid.exp() if probs else mid
     dx = dt = None
-    if g is not None and t.is_floating_point():
+    if g is not None and probs:
+        logp = mid
         s = g.unsqueeze(cdim) if reduction == "none" else g / (logp.numel() // max(C, 1)) if reduction == "mean" else g
         tw = t * (1 - eps) + eps / C if eps > 0 else t
         tw = tw if w is None else tw * _along_classes(w, logp, cdim)
@@ -254,59 +276,73 @@ def cross_entropy_backward(g, g_logp, logp, t, w, ignore_index, reduction, eps, 
         if need_t:  # dt = −s·(1−ε)·w⊙log p
             dt = logp * (-(1 - eps) * (s if w is None else s * _along_classes(w, logp, cdim)))
     elif g is not None and need_x:
-        valid, ts, wy = _class_index_terms(t, w, ignore_index, logp.dtype)
-        if reduction == "mean":  # g/Σw_y on valid rows; 0 on ignored ones even when all are (NaN loss)
+        t = t.unsqueeze(cdim)
+        valid = t != ignore_index
+        ts = t.clamp(0, C - 1)  # forward checked each target is a class or ignore_index: this moves only ignored ones
+        wy = valid.to(p.dtype) if w is None else w[ts] * valid
+        if reduction == "none":
+            g = g.unsqueeze(cdim)
+        elif reduction == "mean" and w is None:           # Σ_valid w_y counts the valid rows: 0 only if none is
+            g = g / wy.sum().clamp_min(1)
+        elif reduction == "mean":  # g/Σw_y on valid rows; 0 on ignored ones even when all are (NaN loss)
             g = torch.where(valid, g / torch.where(valid, wy.sum(), 1), 0)
         # row grad = (1−ε)w_y(p − e_y) + (ε/C)(p·Σw − w), times g (divided by Σ_valid w_y for mean)
-        c1 = ((1 - eps) * wy * g).unsqueeze(cdim)
-        c2 = ((eps / C) * valid * g).unsqueeze(cdim)
-        dx = p * (c1 + c2 * (C if w is None else w.sum())) if eps > 0 else p * c1
-        dx.scatter_add_(cdim, ts.unsqueeze(cdim), -c1)  # dx is new and depends on every tensor here
+        c1 = wy * g if eps == 0 else wy * g * (1 - eps)
         if eps > 0:
-            dx.sub_(c2 if w is None else c2 * _along_classes(w, logp, cdim))
-    if g_logp is not None and need_x:  # log p is an output too: its own grad, g − p·Σ g (double backward)
-        d_logp = g_logp - p * g_logp.sum(cdim, keepdim=True)
-        dx = d_logp if dx is None else dx + d_logp
+            c2 = (valid * g) * (eps / C)
+            dx = p * (c1 + c2 * (C if w is None else w.sum()))
+        else:
+            dx = p * c1
+        dx.scatter_add_(cdim, ts, c1.neg())  # dx is new and depends on every tensor here
+        if eps > 0:
+            dx.sub_(c2 if w is None else c2 * _along_classes(w, p, cdim))
+    if g_mid is not None and need_x:  # the second output's own grad (double backward)
+        d = g_mid - p * g_mid.sum(cdim, keepdim=True) if probs else p * g_mid - p * (p * g_mid).sum(cdim, keepdim=True)
+        dx = d if dx is None else dx + d
     return dx, dt
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Returns (loss, log p): log p is an output so that backward can save it and stay differentiable."""
+    """Returns (loss, p), or (loss, log p) for probability targets: backward saves it and stays differentiable."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, t, w, ignore_index, reduction, eps):
         tf = _opmath(t) if t.is_floating_point() else t
-        loss, logp = cross_entropy_forward(_opmath(x), tf, _opmath(w), ignore_index, reduction, eps)
-        return loss.to(x.dtype), logp.to(x.dtype)
+        loss, mid = cross_entropy_forward(_opmath(x), tf, _opmath(w), ignore_index, reduction, eps)
+        return _as(loss, x.dtype), _as(mid, x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, t, w, ctx.ignore_index, ctx.reduction, ctx.eps = inputs
-        ctx.set_materialize_grads(False)  # log p's grad is None unless someone uses log p
-        # log p (as native saves it), not the logits: backward needs only p = e^{log p}
+        ctx.set_materialize_grads(False)  # the second output's grad is None unless someone uses it
+        # p or log p (native saves log p), not the logits: as many bytes, and all backward needs
         ctx.save_for_backward(output[1], t, w)
 
     @staticmethod
-    def backward(ctx, g, g_logp):
-        logp, t, w = ctx.saved_tensors
+    def backward(ctx, g, g_mid):
+        mid, t, w = ctx.saved_tensors
         tf = _opmath(t) if t.is_floating_point() else t
-        dx, dt = cross_entropy_backward(_opmath(g), _opmath(g_logp), _opmath(logp), tf, _opmath(w),
+        dx, dt = cross_entropy_backward(_opmath(g), _opmath(g_mid), _opmath(mid), tf, _opmath(w),
                                         ctx.ignore_index, ctx.reduction, ctx.eps, *ctx.needs_input_grad[:2])
-        return (dx.to(logp.dtype) if dx is not None else None,
-                dt.to(t.dtype) if dt is not None else None, None, None, None, None)
+        return (_as(dx, mid.dtype) if dx is not None else None,
+                _as(dt, t.dtype) if dt is not None else None, None, None, None, None)
 
 
 def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
     """Native's errors for a mismatched target, which gather would otherwise read as a subset."""
-    if t.is_floating_point() and ignore_index >= 0:
+    probs = t.is_floating_point()
+    if probs and ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
-    if x.dim() > 1 and t.dim() > 0 and x.shape[0] != t.shape[0]:
-        raise ValueError(f"Expected input batch_size ({x.shape[0]}) to match target batch_size ({t.shape[0]}).")
-    expected = x.shape if t.is_floating_point() else x.shape[:1] + x.shape[2:]
-    if x.dim() > 1 and t.shape != expected:
-        raise RuntimeError(f"Expected target size {list(expected)}, got {list(t.shape)}")
+    if x.dim() < 2:
+        return
+    xs, ts = x.shape, t.shape
+    if ts and xs[0] != ts[0]:
+        raise ValueError(f"Expected input batch_size ({xs[0]}) to match target batch_size ({ts[0]}).")
+    if ts != xs if probs else len(ts) != len(xs) - 1 or ts[1:] != xs[2:]:
+        expected = xs if probs else xs[:1] + xs[2:]
+        raise RuntimeError(f"Expected target size {list(expected)}, got {list(ts)}")
 
 
 class CustomCrossEntropyLoss(nn.CrossEntropyLoss):
@@ -340,7 +376,7 @@ def _weights(*w: float):
 
 layers.register(
     "cross_entropy", native=nn.CrossEntropyLoss, custom=CustomCrossEntropyLoss, reduction=True,
-    saves="log p (an extra output, as native saves it), target, weight",
+    saves="p, log p for probabilities (an extra output, as many bytes as native's log p), target, weight",
     cases=lambda: [
         Case("ce-mean", nn.CrossEntropyLoss, _ce(6, 5)),
         Case("ce-sum", lambda: nn.CrossEntropyLoss(reduction="sum"), _ce(6, 5)),

@@ -6,11 +6,16 @@ rather than hidden intermediates, backward may use them and double backward stil
 reaches ``x`` through them (custom-functions.md section 1, the tutorial ``Sinh``).
 Statistics are kept in "opmath", float32 for half/bfloat16 inputs, as native kernels do.
 
+On CPU every op costs a few microseconds of dispatch however small its tensor, an op
+with a Python scalar operand costs a second kernel converting it, and a fresh buffer
+above ~128 KB page-faults. So the statistics are sums (means and variances come out
+through an op's alpha or value), eps is a 0-dim tensor, row sums are matrix products,
+and each backward fills one fresh buffer in place.
+
 Each backward has two forms of one formula. A first-order backward records no graph, so
 it runs ``*_backward_fused``: dx as ``a g + b x + c`` with per-row/per-channel a, b, c
-(the native CPU kernels' arrangement), one temporary, in-place updates of fresh buffers.
-Double backward and torch.func record the backward, so they run the plain
-``*_backward``, whose every op autograd can differentiate.
+(the native CPU kernels' arrangement). Double backward and torch.func record the
+backward, so they run the plain ``*_backward``, whose every op autograd can differentiate.
 """
 from __future__ import annotations
 
@@ -24,9 +29,28 @@ from trainer.functions import amp
 from trainer.layers import Case
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 def _opmath(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the dtype native kernels compute in: float32 for half types, else its own."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.float() if t.dtype in _LOW else t
+
+
+def _as(t: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``; None stays None (a grad not asked for)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _rsqrt_var_eps(r: torch.Tensor, n: int, eps: float, squared: bool = False) -> torch.Tensor:
+    """``(r^2 / n + eps)^-1/2``, or ``(r / n + eps)^-1/2`` when ``squared``: r is a sum of n squares (or its root).
+
+    eps as a 0-dim tensor and 1/n as an op's alpha/value: scalar operands would each cost
+    a conversion kernel.
+    """
+    eps_t = r.new_full((), eps)
+    inv_n = 1 / n if n else math.nan
+    return (torch.add(eps_t, r, alpha=inv_n) if squared else torch.addcmul(eps_t, r, r, value=inv_n)).rsqrt_()
 
 
 def _randn(*shape: int, scale: float = 1.0, shift: float = 0.0):
@@ -37,20 +61,40 @@ def _randn(*shape: int, scale: float = 1.0, shift: float = 0.0):
 
 # --- layer_norm ---------------------------------------------------------------------------
 
+# Up to this many elements an affine LayerNorm keeps x_hat for backward, which then needs
+# ~5 fewer kernels; above it, x and the row sums, so that no buffer of x's size outlives
+# the forward besides y (memory traffic and page faults, not launches, dominate there).
+KEEP_X_HAT_NUMEL = 1 << 18
+
+
+def _keeps_x_hat(x, weight, bias) -> bool:
+    """Whether the middle output is x_hat: not y (affine), no wider than x (not half), and x is small."""
+    return (weight is not None or bias is not None) and x.dtype not in _LOW and x.numel() <= KEEP_X_HAT_NUMEL
+
+
 def layer_norm_forward(x, weight, bias, ndim: int, eps: float):
-    """``(y, mean, rstd)`` over the last ``ndim`` dims; the stats keep those dims with size 1."""
-    dims = tuple(range(-ndim, 0))
+    """``(y, x_hat or sum, rstd)`` over the last ``ndim`` dims (D values); stats keep them with size 1.
+
+    The middle output is what backward needs besides rstd: x_hat, when ``_keeps_x_hat``;
+    else the row sum, which stands in for the mean (every use scales it by 1/D through an
+    op's alpha or value: a division would cost a kernel and a scalar conversion).
+    """
+    dims = -1 if ndim == 1 else tuple(range(-ndim, 0))
+    D = x.shape[-1] if ndim == 1 else math.prod(x.shape[-ndim:])
     xf = _opmath(x)
-    mean = xf.mean(dims, keepdim=True)
-    y = xf - mean                                         # two-pass variance; the norm needs no temporary
-    var = torch.linalg.vector_norm(y, dim=dims, keepdim=True).square() / math.prod(x.shape[-ndim:])
-    rstd = (var + eps).rsqrt()
-    y.mul_(rstd)                                          # in place is safe: forward records no graph
+    s = xf.sum(dims, keepdim=True)
+    y = torch.sub(xf, s, alpha=1 / D if D else math.nan)  # x - mean: two-pass variance
+    rstd = _rsqrt_var_eps(torch.linalg.vector_norm(y, dim=dims, keepdim=True), D, eps)
+    y.mul_(rstd)                                          # x_hat; in place is safe: forward records no graph
+    if _keeps_x_hat(x, weight, bias):
+        x_hat = y
+        y = x_hat * weight if bias is None else x_hat + bias if weight is None else torch.addcmul(bias, x_hat, weight)
+        return y, x_hat, rstd
     if weight is not None:
         y.mul_(weight)
     if bias is not None:
         y.add_(bias)
-    return y.to(x.dtype), mean, rstd
+    return _as(y, x.dtype), s, rstd
 
 
 def layer_norm_backward(g, x_hat, rstd, weight, ndim: int, needs):
@@ -68,57 +112,77 @@ def layer_norm_backward(g, x_hat, rstd, weight, ndim: int, needs):
     return dx, dw, db
 
 
-def layer_norm_backward_fused(g, src, mean, rstd, weight, ndim: int, src_is_x_hat: bool, needs):
-    """``layer_norm_backward`` for a backward that records no graph; ``src`` is x, or y when it is x_hat.
+def layer_norm_backward_fused(g, src, s, rstd, weight, ndim: int, needs):
+    """``layer_norm_backward`` for a backward that records no graph: ``src`` is x_hat, or x when ``s`` is given.
 
-    One temporary, ``g * x_hat`` (x_hat built per element as native does, ``rstd x -
-    rstd mu``), and in-place updates of fresh buffers computed from g only, so vmap
-    over grads still works.
+    On rows of D values: the row means of g_hat and g_hat x_hat come from ``addmm`` with
+    gamma (already scaled by -1/D through alpha, beta=0), so dx = ``rstd (g_hat - mean(g_hat)
+    - x_hat mean(g_hat x_hat))`` is two addcmuls and a multiply on one fresh buffer. From
+    x, ``t = g (x - mu)`` (mu = s / D) stands in for g x_hat, and x_hat = (x - mu) rstd turns
+    into a per-row factor q on x and a constant (the native CPU kernel's arrangement). One
+    big temporary at a time; constants ride on alpha/value (a scalar operand would cost a
+    kernel and a conversion); in-place ops write only buffers computed from g, so vmap over
+    grads still works.
     """
-    D = math.prod(src.shape[-ndim:])
-    g2, s2, r = g.reshape(-1, D), _opmath(src).reshape(-1, D), rstd.view(-1, 1)
-    w = weight.reshape(D) if weight is not None else None
+    D = src.shape[-1] if ndim == 1 else math.prod(src.shape[-ndim:])
+    rows = ndim == 1 and src.dim() == 2                   # (N, D) with (N, 1) stats: no reshapes
+    if rows:
+        g2, x2, r = g, _opmath(src), rstd
+    else:
+        g2, x2, r = g.reshape(-1, D), _opmath(src).reshape(-1, D), rstd.reshape(-1, 1)
+        s = s.reshape(-1, 1) if s is not None else None
     dx = dw = db = None
-    if needs[0] or (needs[1] and w is not None):
-        gx = g2 * s2
-        if not src_is_x_hat:
-            mu = mean.view(-1, 1)
-            gx.mul_(r).addcmul_(g2, -mu * r)              # g * x_hat
-        if needs[1] and w is not None:
-            dw = gx.sum(0).view(weight.shape)             # d gamma = sum_batch g * x_hat
+    if needs[0] or (needs[1] and weight is not None):
+        t = g2 * x2 if s is None else (g2 * x2).addcmul_(g2, s, value=-1 / D)   # g x_hat, or g (x - mu)
+        if needs[1] and weight is not None:
+            dw = t.sum(0) if s is None else (t.t() @ r).squeeze(1)   # d gamma = sum_batch g x_hat
         if needs[0]:
-            sum_g = (g2 @ w if w is not None else g2.sum(1)).unsqueeze(1)       # sum_j g_hat, per row
-            sum_gx = (gx @ w if w is not None else gx.sum(1)).unsqueeze(1)     # sum_j g_hat * x_hat
-            del gx
-            # dx = rstd * (g_hat - mean(g_hat) - x_hat * mean(g_hat * x_hat)), as k src + c + g_hat
-            k = sum_gx / -D if src_is_x_hat else -r * sum_gx / D
-            c = sum_g / -D if src_is_x_hat else sum_g / -D - k * mu
-            dx = (s2 * k).add_(c)
-            dx = (dx.addcmul_(g2, w) if w is not None else dx.add_(g2)).mul_(r).view(src.shape)
+            if weight is None:
+                w = g2.new_ones(D, 1)
+            else:
+                w = weight.unsqueeze(1) if rows else weight.reshape(D, 1)
+            m2 = torch.addmm(r, t, w, beta=0, alpha=-1 / D)   # -mean_j g_hat x_hat, or -mean_j g_hat (x - mu)
+            del t                                         # before dx: one big temporary at a time
+            m1 = torch.addmm(r, g2, w, beta=0, alpha=-1 / D)  # -mean_j g_hat
+            if s is not None:                             # from x: x_hat m2 = (x - mu) rstd^2 m2' = q x - q mu
+                m2 = m2.mul_(r).mul_(r)
+                m1 = torch.addcmul(m1, m2, s, value=-1 / D)
+            dx = torch.addcmul(m1, g2, weight if rows else weight.reshape(D)) if weight is not None else g2 + m1
+            dx = dx.addcmul_(x2, m2).mul_(r)             # rstd (g_hat - mean(g_hat) - x_hat mean(g_hat x_hat))
     if needs[2]:
-        db = g2.sum(0).view(src.shape[-ndim:])            # d beta = sum_batch g
+        db = g2.sum(0)                                    # d beta = sum_batch g
+    if not rows:
+        dx = dx.view(src.shape) if dx is not None else None
+        dw = dw.view(weight.shape) if dw is not None else None
+        db = db.view(src.shape[-ndim:]) if db is not None else None
     return dx, dw, db
 
 
-def layer_norm_stats_backward(g_mean, g_rstd, x_hat, rstd, ndim: int) -> torch.Tensor:
-    """Grad of x from the grads of the stat outputs (sent only by double backward)."""
+def layer_norm_stats_backward(g_mid, g_rstd, x_hat, rstd, ndim: int, mid_is_x_hat: bool) -> torch.Tensor | None:
+    """Grad of x from the grads of the outputs besides y (sent only by double backward)."""
     D = math.prod(x_hat.shape[-ndim:])
-    dx = torch.zeros_like(x_hat)
-    if g_mean is not None:
-        dx = dx + g_mean / D                              # d mean/dx = 1/D
+    dx = None
+    if g_mid is not None and mid_is_x_hat:
+        dx = layer_norm_backward(g_mid, x_hat, rstd, None, ndim, (True, False, False))[0]
+    elif g_mid is not None:
+        dx = g_mid.expand(x_hat.shape)                    # d sum/dx = 1
     if g_rstd is not None:
-        dx = dx - g_rstd * rstd * rstd * x_hat / D        # d rstd/dx = -rstd^3 (x - mu)/D
+        d = g_rstd * rstd * rstd * x_hat / -D             # d rstd/dx = -rstd^3 (x - mu)/D
+        dx = d if dx is None else dx + d
     return dx
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """LayerNorm over the last ``ndim`` dims, returning ``(y, mean, rstd)``.
+    """LayerNorm over the last ``ndim`` dims, returning ``(y, x_hat or sum, rstd)``.
 
-    Saves x, mean and rstd, like native. With no affine transform ``x_hat`` *is* ``y``
-    (which the next layer keeps anyway), so it then saves y and rstd: less than native,
-    though an in-place op on y before backward then raises, as for any saved output.
-    Double backward is exact, not once-differentiable: what backward reads has history
-    (x is an input, y and the stats are outputs), and the stats' grads are handled.
+    What it saves is never more than native's x, mean and rstd. An affine transform on a
+    small float32/64 x keeps x_hat and rstd (as many bytes), so backward needs neither the
+    mean nor a rebuilt x_hat; a large or half-type x keeps x, the row sums and rstd. With
+    no affine transform x_hat *is* ``y`` (which the next layer keeps anyway), so it saves y
+    and rstd: less than native, though an in-place op on y before backward then raises, as
+    for any saved output. Double backward is exact, not once-differentiable: what backward
+    reads has history (x is an input, the rest are outputs), and every output's grad is
+    handled.
     """
 
     generate_vmap_rule = True
@@ -130,31 +194,38 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, ndim, eps = inputs
-        y, mean, rstd = output
+        y, mid, rstd = output
         ctx.ndim = ndim
         ctx.set_materialize_grads(False)  # the stat outputs usually get no grad: None, not zeros
-        # a low-precision y would round x_hat, so then x is kept as native does
-        ctx.y_is_x_hat = weight is None and bias is None and y.dtype == rstd.dtype
-        ctx.save_for_backward(*((y, weight, None) if ctx.y_is_x_hat else (x, weight, mean)), rstd)
+        ctx.mid_is_x_hat = _keeps_x_hat(x, weight, bias)
+        if ctx.mid_is_x_hat or (weight is None and bias is None and y.dtype == rstd.dtype):
+            ctx.save_for_backward(mid if ctx.mid_is_x_hat else y, weight, None, rstd)    # x_hat
+        else:
+            ctx.save_for_backward(x, weight, mid, rstd)
         ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
     @staticmethod
-    def backward(ctx, g, g_mean, g_rstd):
-        src, weight, mean, rstd = ctx.saved_tensors
-        x_hat = None
-        if torch.is_grad_enabled() or g_mean is not None or g_rstd is not None:
-            x_hat = src if ctx.y_is_x_hat else (_opmath(src) - mean) * rstd
+    def backward(ctx, g, g_mid, g_rstd):
+        src, weight, s, rstd = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        if g_mid is None and g_rstd is None and not torch.is_grad_enabled():   # first order: the common case
+            if g is None:
+                return None, None, None, None, None
+            dx, dw, db = layer_norm_backward_fused(_opmath(g), src, s, rstd, weight, ctx.ndim, ctx.needs_input_grad)
+            return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None
+        x_hat = src
+        if s is not None:
+            D = math.prod(src.shape[-ctx.ndim:])
+            x_hat = torch.sub(_opmath(src), s, alpha=1 / D if D else math.nan) * rstd
         dx = dw = db = None
         if g is not None and torch.is_grad_enabled():     # recorded: double backward or torch.func
             dx, dw, db = layer_norm_backward(_opmath(g), x_hat, rstd, weight, ctx.ndim, ctx.needs_input_grad)
         elif g is not None:
-            dx, dw, db = layer_norm_backward_fused(_opmath(g), src, mean, rstd, weight, ctx.ndim, ctx.y_is_x_hat,
-                                                   ctx.needs_input_grad)
-        if ctx.needs_input_grad[0] and (g_mean is not None or g_rstd is not None):
-            extra = layer_norm_stats_backward(g_mean, g_rstd, x_hat, rstd, ctx.ndim)
+            dx, dw, db = layer_norm_backward_fused(_opmath(g), src, s, rstd, weight, ctx.ndim, ctx.needs_input_grad)
+        if ctx.needs_input_grad[0] and (g_mid is not None or g_rstd is not None):
+            extra = layer_norm_stats_backward(g_mid, g_rstd, x_hat, rstd, ctx.ndim, ctx.mid_is_x_hat)
             dx = extra if dx is None else dx + extra
-        return (*(t.to(dtype) if t is not None else None for t, dtype in zip((dx, dw, db), ctx.dtypes)),
-                None, None)
+        return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None
 
 
 class CustomLayerNorm(nn.LayerNorm):
@@ -164,7 +235,7 @@ class CustomLayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+        if x.shape[-k:] != self.normalized_shape:       # a shorter x gives a shorter slice: a mismatch too
             raise RuntimeError(f"Given normalized_shape={list(self.normalized_shape)}, expected input with shape "
                                f"[*, {', '.join(map(str, self.normalized_shape))}], but got input of size{x.shape}")
         y, _, _ = amp.apply(LayerNormFunction, amp.FP32_ON_CUDA, x, self.weight, self.bias, k, self.eps)
@@ -186,7 +257,7 @@ def _layer_norm(shape, **kwargs):
 
 layers.register(
     "layer_norm", native=nn.LayerNorm, custom=CustomLayerNorm, reduction=True,
-    saves="x, mean, rstd (stats fp32); y and rstd without affine",
+    saves="x_hat, rstd (stats fp32; x and row sums above 2^18 elements or in half); y and rstd without affine",
     cases=lambda: [
         Case("last-dim", _layer_norm(5), _randn(3, 5)),
         Case("last-two-dims", _layer_norm((3, 4)), _randn(2, 3, 4)),
@@ -202,37 +273,45 @@ layers.register(
 # --- batch_norm ---------------------------------------------------------------------------
 
 def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (C,) tensor viewed to broadcast over x's channel dim 1."""
-    return t.view(-1, *([1] * (x.dim() - 2)))
+    """A (C,) tensor shaped to broadcast over x's channel dim 1 (itself for an (N, C) x)."""
+    return t if x.dim() == 2 else t.view(-1, *([1] * (x.dim() - 2)))
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sums over every dim but the channel dim 1, shape (C,)."""
+    return t.sum(0) if t.dim() == 2 else t.sum((0, *range(2, t.dim())))
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, eps: float):
-    """``(y, mean, var)``: batch stats over all dims but 1, or the running stats when given (eval)."""
+    """``(y, s, q)`` with s, q per channel (over all dims but 1), or the running stats when given (eval).
+
+    In training s is the sum of x and q the sum of squares of x - mean; the mean, the biased
+    variance q / M and the unbiased q / (M - 1) all come from them through an op's alpha or
+    value, where a division would cost a kernel and a scalar conversion. In eval they are
+    copies of running_mean and running_var.
+    """
     xf = _opmath(x)
     if running_mean is None:
-        dims = (0, *range(2, x.dim()))
-        mean = xf.mean(dims)
-        y = xf - _per_channel(mean, x)                    # two-pass variance, biased
-        if x.dim() > 2:                                   # per (n, c) norms: no y * y temporary
-            var = torch.linalg.vector_norm(y.reshape(*y.shape[:2], -1), dim=-1).square().sum(0)
-        else:
-            var = (y * y).sum(0)
-        var = var / (x.numel() // x.shape[1])
-        alpha = (var + eps).rsqrt()
-        if weight is not None:
-            alpha = alpha * weight
-        y.mul_(_per_channel(alpha, x))                    # in place is safe: forward records no graph
+        M = x.numel() // x.shape[1]
+        s = _channel_sums(xf)
+        y = torch.sub(xf, _per_channel(s, x), alpha=1 / M if M else math.nan)   # two-pass variance
+        if x.dim() > 2:                                   # norms along contiguous rows, no y*y temporary
+            q = torch.linalg.vector_norm(y.flatten(2), dim=-1).pow_(2).sum(0)
+        else:                                             # (a norm down the columns does not vectorize)
+            q = (y * y).sum(0)
+        rstd = _rsqrt_var_eps(q, M, eps, squared=True)
+        k = rstd if weight is None else rstd.mul_(weight)
+        y.mul_(_per_channel(k, x))                        # in place is safe: forward records no graph
         if bias is not None:
             y.add_(_per_channel(bias, x))
-    else:
-        mean, var = running_mean.to(xf.dtype, copy=True), running_var.to(xf.dtype, copy=True)
-        alpha = (var + eps).rsqrt()
-        if weight is not None:
-            alpha = alpha * weight
-        beta = -mean * alpha + bias if bias is not None else -mean * alpha
-        # y = x * alpha + beta per channel, as the native CPU kernel computes it
-        y = (xf * _per_channel(alpha, x)).add_(_per_channel(beta, x))
-    return y.to(x.dtype), mean, var
+        return _as(y, x.dtype), s, q
+    mean, var = running_mean.to(xf.dtype, copy=True), running_var.to(xf.dtype, copy=True)
+    k = _rsqrt_var_eps(var, 1, eps, squared=True)
+    if weight is not None:
+        k = k.mul_(weight)
+    shift = torch.addcmul(bias, mean, k, value=-1) if bias is not None else (mean * k).neg_()
+    # y = x * k + shift per channel, as the native CPU kernel computes it
+    return _as((xf * _per_channel(k, x)).add_(_per_channel(shift, x)), x.dtype), mean, var
 
 
 def batch_norm_backward(g, x_hat, rstd, weight, train: bool, needs):
@@ -252,56 +331,58 @@ def batch_norm_backward(g, x_hat, rstd, weight, train: bool, needs):
     return dx, dw, db
 
 
-def batch_norm_backward_fused(g, src, mean, rstd, weight, train: bool, src_is_x_hat: bool, needs):
-    """``batch_norm_backward`` for a backward that records no graph; ``src`` is x, or y when it is x_hat.
+def batch_norm_backward_fused(g, src, s, rstd, weight, src_is_x_hat: bool, needs):
+    """``batch_norm_backward`` in training, for a backward that records no graph.
 
-    In-place ops write only buffers computed from g, so vmap over grads still works.
+    ``src`` is x_hat, or x with its channel sums ``s`` (mu = s / M). From x, the sums of
+    g x_hat are ``rstd (sum g x - mu sum g)``: no x_hat temporary (native sums g (x - mu),
+    which cancels less when |mu| >> sigma; both agree to float32 tolerance at |mu| ~ 10
+    sigma). dx = ``gamma rstd (g - sum g / M - x_hat sum(g x_hat) / M)`` in one fresh buffer,
+    three passes. In-place ops write only buffers computed from g, so vmap over grads works.
     """
-    dims = (0, *range(2, g.dim()))
     M = g.numel() // g.shape[1]
-    alpha = rstd * weight if weight is not None else rstd
+    xf = _opmath(src)
     dx = dw = db = None
-    sum_g = g.sum(dims) if needs[2] or (needs[0] and train) else None
-    if needs[1] and weight is not None or (needs[0] and train):
-        # sum g x_hat = rstd (sum g x - mu sum g): no x_hat temporary (native sums g (x - mu),
-        # which cancels less when |mu| >> sigma; both agree to float32 tolerance at |mu| ~ 10 sigma)
-        sum_gx = (g * _opmath(src)).sum(dims)
-        if not src_is_x_hat:
-            sum_gx = (sum_gx - mean * (sum_g if sum_g is not None else g.sum(dims))) * rstd
+    sum_g = _channel_sums(g)                              # d beta = sum g
+    if needs[0] or (needs[1] and weight is not None):
+        sum_gx = _channel_sums(g * xf)
+        if src_is_x_hat:
+            q = sum_gx                                    # sum g x_hat
+        else:                                             # sum g x_hat = rstd (sum g x - mu sum g)
+            sum_gx = torch.addcmul(sum_gx, s, sum_g, value=-1 / M).mul_(rstd)
+            q = sum_gx * rstd                             # x_hat = (x - mu) rstd: its factor on x
         if needs[1] and weight is not None:
             dw = sum_gx                                   # d gamma = sum g x_hat
-        if needs[0] and train:
-            # dx = (gamma rstd / M) (M g - sum g - x_hat sum(g x_hat)) = alpha g + k x + c per channel
-            k = -alpha * sum_gx / M * (1 if src_is_x_hat else rstd)
-            c = -alpha * sum_g / M - (0 if src_is_x_hat else k * mean)
-            dx = (_opmath(src) * _per_channel(k, g)).add_(_per_channel(c, g)).addcmul_(g, _per_channel(alpha, g))
-    if needs[0] and not train:
-        dx = g * _per_channel(alpha, g)                   # dx = g gamma / sqrt(running_var + eps)
+        if needs[0]:
+            # dx / (gamma rstd) = g - x_hat sum(g x_hat) / M - sum g / M; from x, mu q enters the constant
+            dx = torch.addcmul(g, xf, _per_channel(q, g), value=-1 / M)
+            c = sum_g if src_is_x_hat else torch.addcmul(sum_g, q, s, value=-1 / M)
+            dx = dx.sub_(_per_channel(c, g), alpha=1 / M)
+            dx = dx.mul_(_per_channel(rstd if weight is None else rstd * weight, g))
     if needs[2]:
-        db = sum_g                                        # d beta = sum g
+        db = sum_g
     return dx, dw, db
 
 
-def batch_norm_stats_backward(g_mean, g_var, x_hat, rstd) -> torch.Tensor:
+def batch_norm_stats_backward(g_s, g_q, x_hat, rstd) -> torch.Tensor:
     """Grad of x from the grads of the batch-stat outputs (sent only by double backward)."""
-    M = x_hat.numel() // x_hat.shape[1]
     dx = torch.zeros_like(x_hat)
-    if g_mean is not None:
-        dx = dx + _per_channel(g_mean / M, x_hat)         # d mean/dx = 1/M
-    if g_var is not None:
-        dx = dx + x_hat * _per_channel(2 * g_var / (rstd * M), x_hat)   # d var/dx = 2 (x - mu)/M
+    if g_s is not None:
+        dx = dx + _per_channel(g_s, x_hat)                # d s/dx = 1
+    if g_q is not None:
+        dx = dx + x_hat * _per_channel(2 * g_q / rstd, x_hat)   # d q/dx = 2 (x - mu)
     return dx
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm over all dims but 1, returning ``(y, mean, var)`` (biased var, opmath dtype).
+    """Batch norm over all dims but 1, returning ``(y, s, q)`` (see ``batch_norm_forward``; opmath dtype).
 
     With ``running_mean``/``running_var`` given it normalizes with them (eval); otherwise
     with the batch stats, which it returns so the module can update its running stats
-    outside the Function. Saves x, mean and var; y instead of x in training without an
-    affine transform (y *is* x_hat); in eval the running-stat buffers, and x only if the
-    weight needs a grad. Double backward is exact, for the reason given for
-    ``LayerNormFunction`` (in eval the stats are constants).
+    outside the Function. Saves x, s and q (as many bytes as native's x, mean and invstd);
+    y instead of x in training without an affine transform (y *is* x_hat); in eval the
+    running-stat buffers, and x only if the weight needs a grad. Double backward is exact,
+    for the reason given for ``LayerNormFunction`` (in eval the stats are constants).
     """
 
     generate_vmap_rule = True
@@ -313,36 +394,40 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, running_mean, running_var, eps = inputs
-        y, mean, var = output
+        y, s, q = output
         ctx.eps = eps
         ctx.train = running_mean is None
         ctx.set_materialize_grads(False)
-        ctx.y_is_x_hat = ctx.train and weight is None and bias is None and y.dtype == var.dtype
-        needs_x = ctx.train or ctx.needs_input_grad[1]
-        if not ctx.train:  # the buffers themselves (no history, nothing extra), not the returned copies
-            mean, var = running_mean, running_var
-        ctx.save_for_backward(y if ctx.y_is_x_hat else x if needs_x else None, weight, mean, var)
+        ctx.y_is_x_hat = ctx.train and weight is None and bias is None and y.dtype == q.dtype
+        if ctx.train:
+            ctx.save_for_backward(y if ctx.y_is_x_hat else x, weight, s, q)
+        else:  # the buffers themselves (no history, nothing extra), not the returned copies
+            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, running_mean, running_var)
         ctx.dtypes = (x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
 
     @staticmethod
-    def backward(ctx, g, g_mean, g_var):
-        src, weight, mean, var = ctx.saved_tensors
-        mean, var = _opmath(mean), _opmath(var)
-        rstd = (var + ctx.eps).rsqrt()
+    def backward(ctx, g, g_s, g_q):
+        src, weight, s, q = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        M = 1 if src is None else src.numel() // src.shape[1]
+        rstd = _rsqrt_var_eps(_opmath(q), M if ctx.train else 1, ctx.eps, squared=True)
+        if ctx.train and g_s is None and g_q is None and not torch.is_grad_enabled():   # the common case
+            if g is None:
+                return None, None, None, None, None, None
+            dx, dw, db = batch_norm_backward_fused(_opmath(g), src, s, rstd, weight, ctx.y_is_x_hat,
+                                                   ctx.needs_input_grad)
+            return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None, None
         x_hat = None
-        if src is not None and (torch.is_grad_enabled() or g_mean is not None or g_var is not None):
+        if src is not None:
+            mean = _opmath(s) / M if ctx.train else _opmath(s)
             x_hat = src if ctx.y_is_x_hat else (_opmath(src) - _per_channel(mean, src)) * _per_channel(rstd, src)
         dx = dw = db = None
-        if g is not None and torch.is_grad_enabled():     # recorded: double backward or torch.func
+        if g is not None:
             dx, dw, db = batch_norm_backward(_opmath(g), x_hat, rstd, weight, ctx.train, ctx.needs_input_grad)
-        elif g is not None:
-            dx, dw, db = batch_norm_backward_fused(_opmath(g), src, mean, rstd, weight, ctx.train, ctx.y_is_x_hat,
-                                                   ctx.needs_input_grad)
-        if ctx.train and ctx.needs_input_grad[0] and (g_mean is not None or g_var is not None):
-            extra = batch_norm_stats_backward(g_mean, g_var, x_hat, rstd)
+        if ctx.train and ctx.needs_input_grad[0] and (g_s is not None or g_q is not None):
+            extra = batch_norm_stats_backward(g_s, g_q, x_hat, rstd)
             dx = extra if dx is None else dx + extra
-        return (*(t.to(dtype) if t is not None else None for t, dtype in zip((dx, dw, db), ctx.dtypes)),
-                None, None, None)
+        return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None, None
 
 
 class _BatchNormTwin:
@@ -363,23 +448,22 @@ class _BatchNormTwin:
         running_var = self.running_var if track else None
         if batch_stats and x.size(0) * math.prod(x.shape[2:]) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-        y, mean, var = amp.apply(BatchNormFunction, amp.KEEP, x, self.weight, self.bias,
-                                 None if batch_stats else running_mean, None if batch_stats else running_var,
-                                 self.eps)
+        y, s, q = amp.apply(BatchNormFunction, amp.KEEP, x, self.weight, self.bias,
+                            None if batch_stats else running_mean, None if batch_stats else running_var, self.eps)
         if batch_stats and running_mean is not None:
-            update_running_stats(running_mean, running_var, mean, var, factor, x.numel() // x.size(1), x.dtype)
+            update_running_stats(running_mean, running_var, s, q, factor, x.numel() // x.size(1))
         return y
 
 
-@torch.no_grad()
-def update_running_stats(running_mean, running_var, mean, var, momentum: float, n: int, x_dtype) -> None:
-    """``running = m batch + (1 - m) running``, with the unbiased batch var, rounded as native's CPU kernel."""
-    m = torch.tensor(momentum, dtype=running_mean.dtype)     # native casts momentum to the stats dtype
-    running_mean.copy_(m * mean.detach() + (1 - m) * running_mean)
-    unbiased = var.detach() * n / (n - 1)
-    # native sums the var term in the accumulate type: double for float32 input on CPU
-    acc = torch.float64 if x_dtype == torch.float32 else running_var.dtype
-    running_var.copy_(m.to(acc) * unbiased.to(acc) + ((1 - m) * running_var).to(acc))
+def update_running_stats(running_mean, running_var, s, q, momentum: float, n: int) -> None:
+    """``running = (1 - m) running + m batch``: the mean ``s / n`` and the unbiased var ``q / (n - 1)``.
+
+    Four in-place kernels, the constants on alpha (native computes this in double; the
+    float32 result agrees to about an ulp).
+    """
+    s, q = s.detach(), q.detach()
+    running_mean.sub_(running_mean, alpha=momentum).add_(s, alpha=momentum / n if n else math.nan)
+    running_var.sub_(running_var, alpha=momentum).add_(q, alpha=momentum / (n - 1) if n > 1 else math.nan)
 
 
 class CustomBatchNorm1d(_BatchNormTwin, nn.BatchNorm1d):
@@ -410,7 +494,7 @@ def _batch_norm(cls, channels: int, **kwargs):
 # BatchNorm included: pass the buffers in (functional_call), as trainer.audit.as_function does.
 layers.register(
     "batch_norm", native=(nn.BatchNorm1d, nn.BatchNorm2d), custom=(CustomBatchNorm1d, CustomBatchNorm2d),
-    reduction=True, vmap=True, saves="x, mean, var (stats fp32); y and var without affine; eval: x only for d gamma",
+    reduction=True, vmap=True, saves="x, sums of x and (x-mean)^2 (fp32); y for x without affine; eval: x only for d gamma",
     cases=lambda: [
         Case("1d-NC", _batch_norm(nn.BatchNorm1d, 3), _randn(6, 3)),
         Case("1d-NCL", _batch_norm(nn.BatchNorm1d, 3), _randn(3, 3, 4)),

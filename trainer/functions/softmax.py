@@ -41,9 +41,12 @@ def _values(*rows: list[float]):
 
 # --- shared math ---------------------------------------------------------------------------
 
-def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x - max_dim(x) in opmath; an all -inf row gives NaN, as native does."""
-    x32 = _opmath(x)
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _shifted(x32: torch.Tensor, dim: int) -> torch.Tensor:
+    """x - max_dim(x), a fresh tensor; an all -inf row gives NaN, as native does."""
     if x32.shape[dim] == 0:  # amax refuses an empty dim; the result is empty anyway
         return x32.clone()
     return x32 - x32.amax(dim, keepdim=True)
@@ -51,27 +54,30 @@ def _shifted(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def log_softmax_forward(x: torch.Tensor, dim: int) -> torch.Tensor:
     # log softmax(x) = z − log Σ e^z with z = x − max x, in that order (as native) so large rows keep precision
-    z = _shifted(x, dim)
-    return z.sub_(z.exp().sum(dim, keepdim=True).log_()).to(x.dtype)
+    z = _shifted(_opmath(x), dim)
+    return _as(z.sub_(z.exp().sum(dim, keepdim=True).log_()), x.dtype)
 
 
 def softmax_forward(x: torch.Tensor, dim: int) -> torch.Tensor:
     # softmax(x) = e^z / Σ e^z with z = x − max x
-    e = _shifted(x, dim).exp_()
-    return e.div_(e.sum(dim, keepdim=True)).to(x.dtype)
+    e = _shifted(_opmath(x), dim).exp_()
+    return _as(e.div_(e.sum(dim, keepdim=True)), x.dtype)
 
 
 def softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-    # dx = y ⊙ (g − Σ_dim g⊙y)
-    g32, y32 = _opmath(g), _opmath(y)
-    gy = g32 * y32
-    return torch.addcmul(gy, y32, gy.sum(dim, keepdim=True), value=-1).to(g.dtype)
+    # dx = y ⊙ (g − Σ_dim g⊙y), in place on the one fresh buffer g⊙y (addcmul_ has no vmap batching rule)
+    y32 = _opmath(y)
+    gy = _opmath(g) * y32
+    s = gy.sum(dim, keepdim=True)
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return _as(torch.addcmul(gy, y32, s, value=-1), g.dtype)
+    return _as(gy.addcmul_(y32, s, value=-1), g.dtype)
 
 
 def log_softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     # dx = g − e^y Σ_dim g
-    g32, y32 = _opmath(g), _opmath(y)
-    return torch.addcmul(g32, y32.exp(), g32.sum(dim, keepdim=True), value=-1).to(g.dtype)
+    g32 = _opmath(g)
+    return _as(torch.addcmul(g32, _opmath(y).exp(), g32.sum(dim, keepdim=True), value=-1), g.dtype)
 
 
 # --- softmax -------------------------------------------------------------------------------
