@@ -1,6 +1,7 @@
 """Gradient comparison: planted backward bugs are caught and named, correct twins pass, shadow and lockstep log."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import planted_layers  # noqa: F401  registers the planted layers in this proces
 from conftest import run_cli
 from trainer import Trainer, load_config
 from trainer.cli import main
-from trainer.compare import Comparison, diff
+from trainer.compare import Comparison, diff, diffs
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,6 +101,34 @@ def test_diff_numbers_and_vacuous_guard():
     nan = diff("g", "param_grad", torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
     assert nan.ok  # NaN where native has NaN is equal, like assert_close(equal_nan=True)
     assert not diff("g", "param_grad", torch.tensor([float("nan")]), torch.tensor([1.0])).ok
+
+
+def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close():
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, generator=g)
+    pairs = [
+        (base + 1e-7 * torch.randn(50, generator=g), base),                     # within float32 tolerance
+        (base * (1 + 1e-3), base),                                              # outside it
+        (torch.tensor([inf, -inf, 1.0]), torch.tensor([inf, -inf, 1.0])),      # equal infinities
+        (torch.tensor([inf, 1.0]), torch.tensor([1.0, 1.0])),                   # inf on one side
+        (torch.tensor([nan, 2.0]), torch.tensor([nan, 2.0])),
+        (torch.tensor([0.0, 1e-6]), torch.tensor([0.0, 0.0])),                  # within atol of zeros
+        (torch.zeros(0), torch.zeros(0)),
+        (torch.ones(2), torch.ones(3)),                                         # shapes differ
+        (base.double() + 1e-9, base.double()),                                  # float64 tolerances
+        (base.to(torch.bfloat16), (base * 1.001).to(torch.bfloat16)),
+    ]
+    together = diffs((f"t{i}", "param_grad", c, n) for i, (c, n) in enumerate(pairs))
+    for (c, n), d in zip(pairs, together):
+        alone = dataclasses.astuple(diff(d.name, "param_grad", c, n))  # no leaks between a batch's tensors
+        assert all(a == b or a != a and b != b for a, b in zip(dataclasses.astuple(d), alone))
+        try:
+            torch.testing.assert_close(c, n, equal_nan=True)
+            expected = True
+        except AssertionError:
+            expected = False
+        assert d.ok == expected, (d, c, n)
 
 
 def scalars(run_dir) -> EventAccumulator:

@@ -40,28 +40,55 @@ class TensorDiff:
 def diff(name: str, kind: str, custom: torch.Tensor, native: torch.Tensor,
          rtol: float | None = None, atol: float | None = None) -> TensorDiff:
     """Compare one pair of tensors as ``assert_close(custom, native, equal_nan=True)`` would, with the numbers."""
-    default = DEFAULT_TOLERANCE.get(native.dtype, DEFAULT_TOLERANCE[torch.float32])
-    rtol, atol = default[0] if rtol is None else rtol, default[1] if atol is None else atol
-    dtype = str(native.dtype).removeprefix("torch.")
-    if custom.shape != native.shape:
-        return TensorDiff(name, kind, False, math.inf, math.inf, math.inf, 0.0, math.nan, math.inf, False, dtype,
-                          rtol, atol)
-    c, n = custom.detach().double().flatten(), native.detach().double().flatten()
-    if c.numel() == 0:
-        return TensorDiff(name, kind, True, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, True, dtype, rtol, atol)
-    both_nan = c.isnan() & n.isnan()
-    c, n = torch.where(both_nan, 0.0, c), torch.where(both_nan, 0.0, n)
-    d = (c - n).abs().nan_to_num(nan=math.inf)
+    return diffs([(name, kind, custom, native)], rtol, atol)[0]
+
+
+def diffs(pairs: Iterable[tuple[str, str, torch.Tensor, torch.Tensor]], rtol: float | None = None,
+          atol: float | None = None) -> list[TensorDiff]:
+    """``diff`` of each ``(name, kind, custom, native)``, all computed at once: a fixed number of ops and one sync.
+
+    (Shadow mode compares ~20 small tensors per step; one by one, op dispatch dominates.)
+    """
+    pairs = list(pairs)
+    out: list[TensorDiff | None] = [None] * len(pairs)
+    cs, ns, tols, seg, todo = [], [], [], [], []
+    for i, (name, kind, c, n) in enumerate(pairs):
+        default = DEFAULT_TOLERANCE.get(n.dtype, DEFAULT_TOLERANCE[torch.float32])
+        r, a = default[0] if rtol is None else rtol, default[1] if atol is None else atol
+        dtype = str(n.dtype).removeprefix("torch.")
+        if c.shape != n.shape:
+            out[i] = TensorDiff(name, kind, False, math.inf, math.inf, math.inf, 0.0, math.nan, math.inf, False,
+                                dtype, r, a)
+        elif n.numel() == 0:
+            out[i] = TensorDiff(name, kind, True, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, True, dtype, r, a)
+        else:
+            cs.append(c.detach().reshape(-1).double()), ns.append(n.detach().reshape(-1).double())
+            tols.append((r, a)), seg.append(n.numel()), todo.append((i, name, kind, dtype, r, a))
+    if not todo:
+        return out
+    c, n = torch.cat(cs), torch.cat(ns)
+    r, a = torch.tensor(tols, dtype=torch.float64, device=c.device).repeat_interleave(
+        torch.tensor(seg, device=c.device), dim=0).unbind(1)
+    # equal values (infinities included) and NaN on both sides differ by 0; NaN on one side only by inf
+    d = torch.where((c == n) | (c.isnan() & n.isnan()), 0.0, (c - n).abs()).nan_to_num_(nan=math.inf)
+    c, n = c.nan_to_num(nan=0.0), n.nan_to_num(nan=0.0)
+    na = n.abs()
+    score = (d / (a + r * na)).nan_to_num_(nan=math.inf)
     # relative to |native|; a difference where native is exactly 0 is infinitely relative
-    rel = torch.where(n != 0, d / n.abs(), torch.where(d > 0, math.inf, 0.0))
-    max_abs, score, max_rel, nc, nn_, dot, dn = torch.stack([  # one sync for all the numbers
-        d.max(), (d / (atol + rtol * n.abs())).max(), rel.max(), c.norm(), n.norm(), c @ n, (c - n).norm()]).tolist()
-    cosine = dot / (nc * nn_) if nc > 0 and nn_ > 0 else float(nc == nn_)
-    return TensorDiff(
-        name=name, kind=kind, ok=score <= 1.0, max_abs_diff=max_abs, max_rel_diff=max_rel,
-        rel_l2=dn / nn_ if nn_ > 0 else float(nc > 0) * math.inf, cosine=cosine,
-        norm_ratio=nc / nn_ if nn_ > 0 else (1.0 if nc == 0 else math.inf), score=score,
-        vacuous=nc <= atol and nn_ <= atol, dtype=dtype, rtol=rtol, atol=atol)
+    rel = torch.where(d == 0, 0.0, d / na).nan_to_num_(nan=math.inf)
+    # per tensor: a slice of each row (a fixed number of ops per tensor, all on views)
+    peaks, sums = torch.stack([d, score, rel]).split(seg, 1), torch.stack([c * c, n * n, c * n, (c - n).square()]).split(seg, 1)
+    maxes, sums = torch.stack([p.amax(1) for p in peaks]), torch.stack([q.sum(1) for q in sums])
+    for (i, name, kind, dtype, r, a), (max_abs, score, max_rel), (cc, nn2, dot, dd) in zip(
+            todo, maxes.tolist(), sums.tolist()):  # the one sync
+        nc, nn_, dn = math.sqrt(cc), math.sqrt(nn2), math.sqrt(dd)
+        out[i] = TensorDiff(
+            name=name, kind=kind, ok=score <= 1.0, max_abs_diff=max_abs, max_rel_diff=max_rel,
+            rel_l2=dn / nn_ if nn_ > 0 else float(nc > 0) * math.inf,
+            cosine=dot / (nc * nn_) if nc > 0 and nn_ > 0 else float(nc == nn_),
+            norm_ratio=nc / nn_ if nn_ > 0 else (1.0 if nc == 0 else math.inf), score=score,
+            vacuous=nc <= a and nn_ <= a, dtype=dtype, rtol=r, atol=a)
+    return out
 
 
 @dataclass
@@ -150,19 +177,18 @@ def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
 def diff_captures(custom: Capture, native: Capture, names: Mapping[str, str], rtol: float | None = None,
                   atol: float | None = None) -> list[TensorDiff]:
     """Every pair of tensors: loss, output, each param grad, and each watched layer's output and input grad."""
-    out = [diff("loss", "loss", torch.cat(custom.losses), torch.cat(native.losses), rtol, atol),
-           diff("output", "output", _flat(custom.outputs), _flat(native.outputs), rtol, atol)]
+    pairs = [("loss", "loss", torch.cat(custom.losses), torch.cat(native.losses)),
+             ("output", "output", _flat(custom.outputs), _flat(native.outputs))]
     for name in sorted(native.param_grads.keys() | custom.param_grads.keys()):
         c, n = custom.param_grads.get(name), native.param_grads.get(name)
         missing = torch.full_like(n if c is None else c, math.nan)  # one side has no grad: never equal
-        out.append(diff(name, "param_grad", missing if c is None else c, missing if n is None else n, rtol, atol))
+        pairs.append((name, "param_grad", missing if c is None else c, missing if n is None else n))
     for path in names:
         if path in native.layer_outputs:
-            out.append(diff(path, "layer_output", _flat(custom.layer_outputs[path]),
-                            _flat(native.layer_outputs[path]), rtol, atol))
+            pairs.append((path, "layer_output", _flat(custom.layer_outputs[path]), _flat(native.layer_outputs[path])))
         if path in native.input_grads:
-            out.append(diff(path, "input_grad", _flat(custom.input_grads.get(path, [])),
-                            _flat(native.input_grads[path]), rtol, atol))
+            pairs.append((path, "input_grad", _flat(custom.input_grads.get(path, [])), _flat(native.input_grads[path])))
+    out = diffs(pairs, rtol, atol)
     return sorted(out, key=lambda d: (d.ok, -d.score if not math.isnan(d.score) else math.inf))
 
 

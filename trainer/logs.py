@@ -30,9 +30,11 @@ class RunLog:
                         mininterval=0.5, disable=not (enabled and show))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                self.writer.add_scalar(tag, value, step)
+        """All of ``values`` as one event (one ``add_scalar`` each costs ~150 us: shadow mode logs ~100)."""
+        if self.writer is not None and values:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
+            self.writer._get_file_writer().add_summary(summary, step)
 
     def progress(self, **values: str) -> None:
         self.bar.set_postfix(values, refresh=False)

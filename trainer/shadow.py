@@ -10,7 +10,7 @@ from torch import nn
 
 from trainer import layers
 from trainer.checkpoint import reseed
-from trainer.compare import LOSS, TensorDiff, diff, swapped_layers
+from trainer.compare import LOSS, diff, diffs, swapped_layers
 
 
 class Shadow:
@@ -55,37 +55,38 @@ class Shadow:
         for h in self.handles:
             h.remove()
         self.handles = []
-        values: dict[str, float] = {}
+        pairs, values = [], {}
         for path, rec in self.seen.items():
             if "grad" not in rec:
                 continue
-            for d, (native_bytes, custom_bytes) in self.compare_layer(self.modules[path], rec):
-                for metric in ("max_abs_diff", "cosine", "norm_ratio"):
-                    values[f"compare/{path}/{d.name}/{metric}"] = getattr(d, metric)
-                values[f"compare/{path}/{d.name}/ok"] = float(d.ok)
-            values[f"compare/{path}/saved_bytes/native"] = native_bytes
-            values[f"compare/{path}/saved_bytes/custom"] = custom_bytes
+            (out_n, grads_n, bytes_n), (out_c, grads_c, bytes_c) = self.rerun_both(self.modules[path], rec)
+            pairs.append((f"{path}/output", "layer_output", out_c, out_n))
+            pairs += [(f"{path}/{k}", "input_grad" if k.endswith("_grad") else "param_grad", grads_c[k], grads_n[k])
+                      for k in grads_n]
+            values[f"compare/{path}/saved_bytes/native"] = bytes_n
+            values[f"compare/{path}/saved_bytes/custom"] = bytes_c
+        for d in diffs(pairs, self.rtol, self.atol):  # all layers' numbers at once
+            for metric in ("max_abs_diff", "cosine", "norm_ratio"):
+                values[f"compare/{d.name}/{metric}"] = getattr(d, metric)
+            values[f"compare/{d.name}/ok"] = float(d.ok)
         self.seen = {}
         return values
 
-    def compare_layer(self, module: nn.Module, rec: dict) -> list[tuple[TensorDiff, tuple[int, int]]]:
+    def rerun_both(self, module: nn.Module, rec: dict) -> list[tuple[torch.Tensor, dict, int]]:
+        """(output, grads, saved bytes) of the native, then the custom implementation, on what training saw."""
         _, native_cls, custom_cls = layers.pair_of(module)
         was = type(module)
         buffers = {k: b.clone() for k, b in module.named_buffers()}
-        results = {}
+        results = []
         try:
             for cls in (native_cls, custom_cls):
                 module.__class__ = cls
-                results[cls] = self._rerun(module, rec)
+                results.append(self._rerun(module, rec))
                 for k, b in module.named_buffers():
                     b.copy_(buffers[k])
         finally:
             module.__class__ = was
-        (out_n, grads_n, bytes_n), (out_c, grads_c, bytes_c) = results[native_cls], results[custom_cls]
-        diffs = [diff("output", "layer_output", out_c, out_n, self.rtol, self.atol)]
-        diffs += [diff(k, "input_grad" if k.endswith("_grad") else "param_grad", grads_c[k], grads_n[k],
-                       self.rtol, self.atol) for k in grads_n]
-        return [(d, (bytes_n, bytes_c)) for d in diffs]
+        return results
 
     @staticmethod
     def _rerun(module: nn.Module, rec: dict):
