@@ -1,10 +1,13 @@
 """Per-step cost of `trainer` against a bare hand-written loop doing the same work, measured side by side.
 
 Both loops train the same MLP on the same data with the same optimizer, show a tqdm bar
-and write TensorBoard scalars every 50 steps. Runs alternate (bare, trainer, bare, ...)
-so machine noise hits both alike; the figure is the median ratio of their per-step times.
-A per-step time is the steady state: from the end of step WARM to the end of the last
-step, so one-off setup and teardown (building, the final checkpoint) are left out.
+and write TensorBoard scalars every 50 steps. They run at the same time in two threads
+that take turns of TURN steps (a baton passed at the end of every 50th step, so each
+turn holds one logging step), and each sums the time of its own turns: on a shared,
+noisy machine a slow spell then falls on both alike, which whole runs one after the
+other cannot promise (those differed by 1.5x here). Steps up to WARM (one-off setup,
+first allocations) and the last turn (teardown) are left out; the figure is the median
+over repeats of the ratio of the summed times.
 
     python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
@@ -17,6 +20,7 @@ import io
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -30,6 +34,7 @@ from trainer import Trainer, datasets, load_config
 
 # name: (widths, data section, loss)
 WARM = 100
+TURN = 50
 MODELS = {
     "tiny": ([32, 64, 64, 1], "{name: regression, in_features: 32, n_samples: N, val_fraction: 0.0}", "mse"),
     "medium": ([256, 512, 512, 10], "{name: classification, n_features: 256, n_classes: 10, n_samples: N, "
@@ -50,8 +55,37 @@ def config(model: str, steps: int, logdir: str, extra: list[str]):
     }, extra)
 
 
-def bare_loop(cfg) -> float:
-    """The loop a user would write by hand; returns seconds per step."""
+class Baton:
+    """Two loops take turns of TURN steps; each side sums the time of its own turns after step WARM."""
+
+    def __init__(self):
+        self.turn = [threading.Semaphore(1), threading.Semaphore(0)]
+        self.done = [False, False]
+        self.busy = [0.0, 0.0]
+        self.began = [0.0, 0.0]
+
+    def start(self, side: int) -> None:
+        self.turn[side].acquire()
+        self.began[side] = time.perf_counter()
+
+    def step_done(self, side: int, step: int) -> None:
+        """End of ``step`` (every step but the last): at the end of a turn, pass the baton and wait for it."""
+        if step % TURN:
+            return
+        if step > WARM:
+            self.busy[side] += time.perf_counter() - self.began[side]
+        if not self.done[1 - side]:
+            self.turn[1 - side].release()
+            self.turn[side].acquire()
+        self.began[side] = time.perf_counter()
+
+    def finish(self, side: int) -> None:
+        self.done[side] = True
+        self.turn[1 - side].release()
+
+
+def bare_loop(cfg, baton: Baton, side: int) -> None:
+    """The loop a user would write by hand."""
     torch.manual_seed(cfg.seed)
     dims = [cfg.model.kwargs["in_features"], *cfg.model.kwargs["hidden"]]
     mods = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
@@ -66,6 +100,7 @@ def bare_loop(cfg) -> float:
         writer = SummaryWriter(logdir)
         bar = tqdm(total=steps, file=sys.stdout, mininterval=0.5)
         step = 0
+        baton.start(side)
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
@@ -76,41 +111,48 @@ def bare_loop(cfg) -> float:
             bar.update()
             if step % 50 == 0:
                 writer.add_scalar("train/loss", loss.item(), step)
-            if step == WARM:
-                start = time.perf_counter()
             if step == steps:
                 break
-        elapsed = time.perf_counter() - start
+            baton.step_done(side, step)
+        baton.finish(side)
         bar.close()
         writer.close()
-    return elapsed / (steps - WARM)
 
 
 class TimedTrainer(Trainer):
-    """The Trainer with a clock read after step WARM and after the last step (nothing else changes)."""
+    """The Trainer passing the baton after each step (nothing else changes)."""
 
     def on_step(self) -> None:
         super().on_step()
-        if self.step == WARM:
-            self.start = time.perf_counter()
-        elif self.step == self.cfg.train.max_steps:
-            self.stop = time.perf_counter()
+        if self.step < self.cfg.train.max_steps:
+            self.baton.step_done(self.side, self.step)
 
 
-def trainer_loop(cfg) -> float:
+def trainer_loop(cfg, baton: Baton, side: int) -> None:
     trainer = TimedTrainer(cfg)
-    trainer.fit()
-    return (trainer.stop - trainer.start) / (trainer.step - WARM)
+    trainer.baton, trainer.side = baton, side
+    baton.start(side)
+    trainer.fit()  # the final checkpoint and hparams land in the last turn: one-off, like setup
+    baton.finish(side)
 
 
-def measure(first, second, repeats: int) -> tuple[float, float, float]:
-    """Median (first s/step, second s/step, second/first) over alternating runs; bars go to a null stream."""
+def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float]:
+    """(first s/step, second s/step, second/first), medians over repeats of the two loops run in turns.
+
+    Progress bars go to a null stream.
+    """
     a, b, ratios = [], [], []
     for i in range(repeats + 1):
+        baton = Baton()
         with contextlib.redirect_stdout(io.StringIO()):
-            x, y = first(), second()
+            threads = [threading.Thread(target=f, args=(baton, side)) for side, f in enumerate((first, second))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         if i == 0:
             continue  # warm-up
+        x, y = (busy / ((steps - 1) // TURN * TURN - WARM) for busy in baton.busy)
         a.append(x), b.append(y), ratios.append(y / x)
     return statistics.median(a), statistics.median(b), statistics.median(ratios)
 
@@ -118,21 +160,24 @@ def measure(first, second, repeats: int) -> tuple[float, float, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model", choices=[*MODELS, "both"], default="both")
     args = p.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
     print(f"{'comparison':44} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
+
+    def row(label: str, first, second, cfg1, cfg2) -> None:
+        a, b, r = measure(lambda baton, side: first(cfg1, baton, side), lambda baton, side: second(cfg2, baton, side),
+                          args.repeats, args.steps)
+        print(f"{label:44} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x", flush=True)
+
     with tempfile.TemporaryDirectory() as logdir:
         for name in MODELS if args.model == "both" else [args.model]:
             cfg = config(name, args.steps, logdir, [])
-            b, t, r = measure(lambda: bare_loop(cfg), lambda: trainer_loop(cfg), args.repeats)
-            print(f"{name + ' MLP: bare loop -> trainer':44} {b * 1e3:8.3f} {t * 1e3:8.3f} {r:7.3f}x", flush=True)
+            row(f"{name} MLP: bare loop -> trainer", bare_loop, trainer_loop, cfg, cfg)
         twins = config("tiny", args.steps, logdir, ["layers.default=custom"])
         shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"])
-        a, b, r = measure(lambda: trainer_loop(twins), lambda: trainer_loop(shadow), args.repeats)
-        print(f"{'tiny MLP, twins: trainer -> + shadow every 50':44} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x")
-
+        row("tiny MLP, twins: trainer -> + shadow every 50", trainer_loop, trainer_loop, twins, shadow)
 
 if __name__ == "__main__":
     main()
