@@ -9,7 +9,10 @@ Native kernels are one fused pass; these twins are several torch ops, written to
   one that is reused, so temporaries are updated in place, and backward multiplies g into
   its own temporary (``_times``) wherever that is safe.
 - In-place ops are limited to those with vmap batching rules (not ``clamp_(a, b)``, ``addcmul_``,
-  ``lerp_``, ``square_``) and never write a saved tensor (double backward).
+  ``lerp_``, ``square_``) and never write a saved tensor (double backward). Where ``_owned()``
+  (nothing recorded, transformed or compiled), a fused op may write a fresh temporary through
+  ``out=`` instead (``add(c, t, alpha=a, out=t)`` is c + a t in one pass; ``addcmul(t, u, v, out=t)``);
+  elsewhere the same formula runs as plain ops.
 - Branches are chosen with float masks from ``sign``, ``clamp`` and float overflow, combined
   exactly (with m in {0, 1}, ``max(m, s)`` picks 1 or s, ``max(v - m * big, x)`` picks v or x),
   not with ``torch.where``: on CPU, bool tensors and ``where`` run 4-20x slower than a float add.
@@ -88,6 +91,13 @@ def _compute(fn, consts: _Consts, t: torch.Tensor, *args):
         return fn(t, *(a.float() if isinstance(a, torch.Tensor) else a for a in args), consts.of(t)).to(low)
     k = consts.cpu.get(t.dtype) if t.is_cpu else None
     return fn(t, *args, k if k is not None else consts.of(t))
+
+
+def _owned() -> bool:
+    """Whether a fresh temporary may be written through ``out=``: grad mode off (nothing is recorded),
+    no torch.func transform active (its tensors may be batched) and nothing being compiled."""
+    return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+                or torch.compiler.is_compiling())
 
 
 def _times(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -298,8 +308,13 @@ _SQRT1_2 = 1 / math.sqrt(2)             # 'none': Phi(x) = (1 + erf(x / sqrt 2))
 _TANH_BETA = math.sqrt(2 / math.pi)     # 'tanh': z = beta * (x + kappa x^3)
 _TANH_KAPPA = 0.044715
 _LOG2E = 1 / math.log(2)
-# 0, 1, 1/2, 1/sqrt 2, log2 sqrt(2/pi), 2 beta
-_GELU = _Consts(lambda dt: (0.0, 1.0, 0.5, _SQRT1_2, math.log2(math.sqrt(2 / math.pi)), 2 * _TANH_BETA))
+# 0, 1, 1/2, 1/sqrt 2, log2 (1/sqrt(2 pi)), 2 beta
+_GELU = _Consts(lambda dt: (0.0, 1.0, 0.5, _SQRT1_2, -math.log2(math.sqrt(2 * math.pi)), 2 * _TANH_BETA))
+
+
+def _phi_of_erf(e: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """Phi = (1 + e) / 2 = 1/2 + e/2, written into the fresh temporary e: one pass where ``_owned()``."""
+    return torch.add(half, e, alpha=0.5, out=e) if _owned() else e.mul_(half).add_(half)
 
 
 def gelu(x: torch.Tensor, approximate: str, k) -> torch.Tensor:
@@ -307,23 +322,46 @@ def gelu(x: torch.Tensor, approximate: str, k) -> torch.Tensor:
     if approximate == "tanh":
         # y = x/2 (1 + tanh z) = x sigmoid(2z), with 2z = 2 beta (1 + kappa x^2) x
         return torch.addcmul(two_beta, x, x, value=2 * _TANH_BETA * _TANH_KAPPA).mul_(x).sigmoid_().mul_(x)
-    # y = x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
-    return x.mul(sqrt1_2).erf_().add_(one).mul_(x).mul_(half)
+    # y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2
+    return _phi_of_erf(x.mul(sqrt1_2).erf_(), half).mul_(x)
 
 
 def gelu_backward(g: torch.Tensor, x: torch.Tensor, approximate: str, k) -> torch.Tensor:
-    zero, one, half, sqrt1_2, log2_c, two_beta = k
+    zero, one, half, sqrt1_2, log2_c, two_beta = k  # log2_c = log2 (1/sqrt(2 pi))
     if approximate == "tanh":
         # d/dx x s(2z) = s + x s (1 - s) 2z' = s (1 + (1 - s) w), s = sigmoid(2z), w = 2 beta (x + 3 kappa x^3)
         s = torch.addcmul(two_beta, x, x, value=2 * _TANH_BETA * _TANH_KAPPA).mul_(x).sigmoid_()
         w = torch.addcmul(two_beta, x, x, value=6 * _TANH_BETA * _TANH_KAPPA).mul_(x)
         return torch.lerp(g, zero, s).mul_(w).add_(g).mul_(s)  # (g (1 - s) w + g) s
-    # d/dx x Phi(x) = Phi(x) + x phi(x) = (1 + erf(x / sqrt 2) + 2 x phi(x)) / 2, with
-    # 2 phi(x) = sqrt(2/pi) e^(-x^2/2) = 2^(log2 sqrt(2/pi) - x^2 log2(e) / 2) (exp2 is ~2x cheaper than exp)
-    x_pdf = torch.addcmul(log2_c, x, x, value=-_LOG2E / 2).exp2_()
-    # exp2's backward keeps its output: with create_graph it must not be written
-    x_pdf = x_pdf * x if torch.is_grad_enabled() else x_pdf.mul_(x)
-    return _times(g, x.mul(sqrt1_2).erf_().add_(x_pdf).add_(one).mul_(half))
+    # d/dx x Phi(x) = Phi(x) + x phi(x), with Phi(x) = (1 + erf(x / sqrt 2)) / 2 and
+    # phi(x) = e^(-x^2/2) / sqrt(2 pi) = 2^(log2 (1/sqrt(2 pi)) - x^2 log2(e) / 2) (exp2 is ~2x cheaper than exp)
+    cdf = _phi_of_erf(x.mul(sqrt1_2).erf_(), half)
+    if _owned() and x.is_cpu and x.numel() >= _GELU_CHUNKED and x.is_contiguous():
+        return _times(g, _add_x_pdf_chunked(cdf, x, log2_c))
+    pdf = torch.addcmul(log2_c, x, x, value=-_LOG2E / 2).exp2_()
+    # Phi + x phi in one pass, into cdf where owned (exp2's backward keeps pdf: it is never written)
+    slope = torch.addcmul(cdf, pdf, x, out=cdf) if _owned() else torch.addcmul(cdf, pdf, x)
+    return _times(g, slope)
+
+
+# On CPU a second fresh multi-MB temporary for phi costs as much as the passes over it (page faults,
+# and the passes then run from memory): from _GELU_CHUNKED elements on, phi is made a block of
+# _GELU_CHUNK at a time in one reused L2-sized buffer (only where owned: the same ops, block by block).
+_GELU_CHUNK = 1 << 16
+_GELU_CHUNKED = 1 << 19
+
+
+def _add_x_pdf_chunked(cdf: torch.Tensor, x: torch.Tensor, log2_c: torch.Tensor) -> torch.Tensor:
+    """cdf + x phi(x), written into cdf (fresh, contiguous, shaped as x), phi made a block at a time."""
+    flat_x, flat_c = x.view(-1), cdf.view(-1)
+    n = flat_x.numel()
+    buf = torch.empty(_GELU_CHUNK, dtype=x.dtype, device=x.device)
+    for i in range(0, n, _GELU_CHUNK):
+        xs, cs = flat_x[i:i + _GELU_CHUNK], flat_c[i:i + _GELU_CHUNK]
+        pdf = buf if xs.numel() == _GELU_CHUNK else buf[:xs.numel()]
+        torch.addcmul(log2_c, xs, xs, value=-_LOG2E / 2, out=pdf).exp2_()
+        torch.addcmul(cs, pdf, xs, out=cs)
+    return cdf
 
 
 class GELUFunction(torch.autograd.Function):
@@ -688,6 +726,8 @@ def hardsigmoid_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
     _, _, nine, zero = k
     x = x.detach()
     inside = torch.addcmul(nine, x, x, value=-1).sign_().clamp_min_(0)
+    if _owned() and not torch._C._functorch.is_legacy_batchedtensor(g):  # as _times: written into the mask
+        return torch.addcmul(zero, g, inside, value=1 / 6, out=inside)
     return torch.addcmul(zero, g, inside, value=1 / 6)
 
 
@@ -740,6 +780,7 @@ def _hardswish_consts(dtype: torch.dtype) -> tuple[float, ...]:
 
 
 _HARDSWISH = _Consts(_hardswish_consts)
+_DOWN = {dt: _hardswish_consts(dt)[-1] for dt in (torch.float32, torch.float64)}  # 2^-h as a number (add's alpha)
 
 
 def hardswish(x: torch.Tensor, k) -> torch.Tensor:
@@ -763,8 +804,10 @@ def hardswish_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
         xd = x.detach()
         slope = x.clamp(-3, 3).div_(three).add_(half)
         return g * slope.add_(xd.clamp(-b, b).sub_(xd).sign_(), alpha=0.5)
-    slope = x.div(three_down).mul_(up).mul_(down).mul_(down).add_(half).nan_to_num_(math.nan, 1.0, 0.0)
-    return _times(g, slope)
+    slope = x.div(three_down).mul_(up).mul_(down)
+    # the last 2^-h and the 1/2 in one pass where owned: 1/2 + 2^-h s, the product exact, rounded once
+    slope = torch.add(half, slope, alpha=_DOWN[x.dtype], out=slope) if _owned() else slope.mul_(down).add_(half)
+    return _times(g, slope.nan_to_num_(math.nan, 1.0, 0.0))
 
 
 class HardswishFunction(torch.autograd.Function):
