@@ -14,7 +14,7 @@ from torch import nn
 
 import planted_layers  # noqa: F401  registers the planted layers in this process
 from conftest import run_cli
-from trainer import Trainer, load_config
+from trainer import Trainer, compare, load_config
 from trainer.cli import main
 from trainer.compare import Comparison, diff, diffs
 
@@ -103,7 +103,9 @@ def test_diff_numbers_and_vacuous_guard():
     assert not diff("g", "param_grad", torch.tensor([float("nan")]), torch.tensor([1.0])).ok
 
 
-def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close():
+@pytest.mark.parametrize("group", [1 << 20, 3], ids=["one-group", "groups-of-3-elements"])
+def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close(monkeypatch, group):
+    monkeypatch.setattr(compare, "_GROUP_NUMEL", group)
     inf, nan = float("inf"), float("nan")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(50, generator=g)
@@ -115,6 +117,7 @@ def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close():
         (torch.tensor([nan, 2.0]), torch.tensor([nan, 2.0])),
         (torch.tensor([0.0, 1e-6]), torch.tensor([0.0, 0.0])),                  # within atol of zeros
         (torch.zeros(0), torch.zeros(0)),
+        (torch.zeros(3), torch.zeros(3)),
         (torch.ones(2), torch.ones(3)),                                         # shapes differ
         (base.double() + 1e-9, base.double()),                                  # float64 tolerances
         (base.to(torch.bfloat16), (base * 1.001).to(torch.bfloat16)),
@@ -129,6 +132,7 @@ def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close():
         except AssertionError:
             expected = False
         assert d.ok == expected, (d, c, n)
+    assert together[7].rel_l2 == 0.0 and together[7].vacuous  # zeros against zeros: no error, and says so
 
 
 def scalars(run_dir) -> EventAccumulator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -45,13 +45,14 @@ def diff(name: str, kind: str, custom: torch.Tensor, native: torch.Tensor,
 
 def diffs(pairs: Iterable[tuple[str, str, torch.Tensor, torch.Tensor]], rtol: float | None = None,
           atol: float | None = None) -> list[TensorDiff]:
-    """``diff`` of each ``(name, kind, custom, native)``, all computed at once: a fixed number of ops and one sync.
+    """``diff`` of each ``(name, kind, custom, native)``, computed together: elementwise work once over
+    the concatenated tensors, two reductions per tensor, one sync per ~2^20 elements.
 
     (Shadow mode compares ~20 small tensors per step; one by one, op dispatch dominates.)
     """
     pairs = list(pairs)
     out: list[TensorDiff | None] = [None] * len(pairs)
-    cs, ns, tols, seg, todo = [], [], [], [], []
+    group: list[tuple] = []
     for i, (name, kind, c, n) in enumerate(pairs):
         default = DEFAULT_TOLERANCE.get(n.dtype, DEFAULT_TOLERANCE[torch.float32])
         r, a = default[0] if rtol is None else rtol, default[1] if atol is None else atol
@@ -62,12 +63,24 @@ def diffs(pairs: Iterable[tuple[str, str, torch.Tensor, torch.Tensor]], rtol: fl
         elif n.numel() == 0:
             out[i] = TensorDiff(name, kind, True, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, True, dtype, r, a)
         else:
-            cs.append(c.detach().reshape(-1).double()), ns.append(n.detach().reshape(-1).double())
-            tols.append((r, a)), seg.append(n.numel()), todo.append((i, name, kind, dtype, r, a))
-    if not todo:
-        return out
-    c, n = torch.cat(cs), torch.cat(ns)
-    r, a = torch.tensor(tols, dtype=torch.float64, device=c.device).repeat_interleave(
+            if group and sum(p[1].numel() for p in group) + n.numel() > _GROUP_NUMEL:
+                _diff_group(group, out)
+                group = []
+            group.append((i, c, n, TensorDiff(name, kind, False, 0, 0, 0, 0, 0, 0, False, dtype, r, a)))
+    if group:
+        _diff_group(group, out)
+    return out
+
+
+_GROUP_NUMEL = 1 << 20  # elements diffed together: bounds the float64 temporaries (~10 of them)
+
+
+def _diff_group(group: list[tuple], out: list) -> None:
+    """Fill ``out[i]`` for each ``(i, custom, native, template)`` of the group; ``template`` holds name, tolerances."""
+    seg = [n.numel() for _, _, n, _ in group]
+    c = torch.cat([c.detach().reshape(-1).double() for _, c, _, _ in group])
+    n = torch.cat([n.detach().reshape(-1).double() for _, _, n, _ in group])
+    r, a = torch.tensor([(t.rtol, t.atol) for *_, t in group], dtype=torch.float64, device=c.device).repeat_interleave(
         torch.tensor(seg, device=c.device), dim=0).unbind(1)
     # equal values (infinities included) and NaN on both sides differ by 0; NaN on one side only by inf
     d = torch.where((c == n) | (c.isnan() & n.isnan()), 0.0, (c - n).abs()).nan_to_num_(nan=math.inf)
@@ -76,19 +89,17 @@ def diffs(pairs: Iterable[tuple[str, str, torch.Tensor, torch.Tensor]], rtol: fl
     score = (d / (a + r * na)).nan_to_num_(nan=math.inf)
     # relative to |native|; a difference where native is exactly 0 is infinitely relative
     rel = torch.where(d == 0, 0.0, d / na).nan_to_num_(nan=math.inf)
-    # per tensor: a slice of each row (a fixed number of ops per tensor, all on views)
-    peaks, sums = torch.stack([d, score, rel]).split(seg, 1), torch.stack([c * c, n * n, c * n, (c - n).square()]).split(seg, 1)
+    peaks = torch.stack([d, score, rel]).split(seg, 1)  # per tensor, a slice of each row
+    sums = torch.stack([c * c, n * n, c * n, (c - n).square()]).split(seg, 1)
     maxes, sums = torch.stack([p.amax(1) for p in peaks]), torch.stack([q.sum(1) for q in sums])
-    for (i, name, kind, dtype, r, a), (max_abs, score, max_rel), (cc, nn2, dot, dd) in zip(
-            todo, maxes.tolist(), sums.tolist()):  # the one sync
+    for (i, *_, t), (max_abs, score, max_rel), (cc, nn2, dot, dd) in zip(group, maxes.tolist(), sums.tolist()):
         nc, nn_, dn = math.sqrt(cc), math.sqrt(nn2), math.sqrt(dd)
-        out[i] = TensorDiff(
-            name=name, kind=kind, ok=score <= 1.0, max_abs_diff=max_abs, max_rel_diff=max_rel,
-            rel_l2=dn / nn_ if nn_ > 0 else float(nc > 0) * math.inf,
+        out[i] = replace(
+            t, ok=score <= 1.0, max_abs_diff=max_abs, max_rel_diff=max_rel,
+            rel_l2=dn / nn_ if nn_ > 0 else (math.inf if nc > 0 else 0.0),
             cosine=dot / (nc * nn_) if nc > 0 and nn_ > 0 else float(nc == nn_),
             norm_ratio=nc / nn_ if nn_ > 0 else (1.0 if nc == 0 else math.inf), score=score,
-            vacuous=nc <= a and nn_ <= a, dtype=dtype, rtol=r, atol=a)
-    return out
+            vacuous=nc <= t.atol and nn_ <= t.atol)
 
 
 @dataclass
