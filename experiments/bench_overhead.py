@@ -114,7 +114,6 @@ def bare_loop(cfg, baton: Baton, side: int) -> None:
             if step == steps:
                 break
             baton.step_done(side, step)
-        baton.finish(side)
         bar.close()
         writer.close()
 
@@ -133,7 +132,6 @@ def trainer_loop(cfg, baton: Baton, side: int) -> None:
     trainer.baton, trainer.side = baton, side
     baton.start(side)
     trainer.fit()  # the final checkpoint and hparams land in the last turn: one-off, like setup
-    baton.finish(side)
 
 
 def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float]:
@@ -143,13 +141,24 @@ def measure(first, second, repeats: int, steps: int) -> tuple[float, float, floa
     """
     a, b, ratios = [], [], []
     for i in range(repeats + 1):
-        baton = Baton()
+        baton, errors = Baton(), []
+
+        def run(f, side):
+            try:
+                f(baton, side)
+            except BaseException as e:  # re-raised below, once the other side has finished
+                errors.append(e)
+            finally:
+                baton.finish(side)  # the other side no longer waits for this one
+
         with contextlib.redirect_stdout(io.StringIO()):
-            threads = [threading.Thread(target=f, args=(baton, side)) for side, f in enumerate((first, second))]
+            threads = [threading.Thread(target=run, args=(f, side)) for side, f in enumerate((first, second))]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
+        if errors:
+            raise errors[0]
         if i == 0:
             continue  # warm-up
         x, y = (busy / ((steps - 1) // TURN * TURN - WARM) for busy in baton.busy)

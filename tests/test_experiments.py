@@ -1,4 +1,4 @@
-"""The experiments run as users run them; benchmarks are not run here (they are timed, tests are not)."""
+"""The experiments run as users run them; benchmarks only as smoke runs (they are timed, tests are not)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 
 
-def script(name: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "experiments" / name)], capture_output=True, text=True,
+def script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
 
 
@@ -29,3 +29,14 @@ def test_seed_walkthrough_runs_its_three_steps():
     for step in ("Step 1", "Step 2", "Step 3"):
         assert step in proc.stdout
     assert "ReLUFunctionBackward" in proc.stdout and "largest weight difference after 100 steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmarks_run_and_print_their_ratios():
+    """A few steps and sizes only: this checks the scripts work, not how fast anything is."""
+    proc = script("bench_overhead.py", "--steps", "300", "--repeats", "1", "--model", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[-1][-1] for line in proc.stdout.splitlines()[1:]] == ["x", "x"]
+    proc = script("bench_layers.py", "--sizes", "1e3", "--layers", "relu", "linear", "--rounds", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3 and proc.stdout.count("x") >= 4
