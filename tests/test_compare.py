@@ -124,8 +124,11 @@ def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close(monkeypat
     ]
     together = diffs((f"t{i}", "param_grad", c, n) for i, (c, n) in enumerate(pairs))
     for (c, n), d in zip(pairs, together):
-        alone = dataclasses.astuple(diff(d.name, "param_grad", c, n))  # no leaks between a batch's tensors
-        assert all(a == b or a != a and b != b for a, b in zip(dataclasses.astuple(d), alone))
+        alone = diff(d.name, "param_grad", c, n)  # no leaks between a batch's tensors
+        for field in dataclasses.fields(d):  # maxima exactly; norms from a matmul, whose rounding may vary
+            a, b = getattr(d, field.name), getattr(alone, field.name)
+            exact = field.name not in ("rel_l2", "cosine", "norm_ratio")
+            assert a == b or a != a and b != b or not exact and a == pytest.approx(b, rel=1e-5), (field.name, a, b)
         try:
             torch.testing.assert_close(c, n, equal_nan=True)
             expected = True
