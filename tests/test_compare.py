@@ -136,6 +136,8 @@ def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close(monkeypat
             expected = False
         assert d.ok == expected, (d, c, n)
     assert together[7].rel_l2 == 0.0 and together[7].vacuous  # zeros against zeros: no error, and says so
+    big = diff("g", "param_grad", torch.full((4,), 2e20), torch.full((4,), 1e20))  # squares overflow float32
+    assert big.norm_ratio == pytest.approx(2.0) and big.cosine == pytest.approx(1.0)
 
 
 def scalars(run_dir) -> EventAccumulator:

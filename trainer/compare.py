@@ -109,6 +109,8 @@ def _diff_group(group: list[tuple], out: list, work: torch.dtype) -> None:
     rows = torch.stack([c, n, d, score, rel])
     maxes = torch.stack([x.amax(1) for x in rows[2:].split(seg, 1)])
     sums = torch.stack([x @ x.T for x in rows[:3].split(seg, 1)])
+    if work != torch.float64 and not bool(sums.isfinite().all()):  # a float32 square overflowed: in float64
+        sums = torch.stack([x @ x.T for x in rows[:3].double().split(seg, 1)])
     for (i, *_, t), (max_abs, score, max_rel), gram in zip(group, maxes.tolist(), sums.tolist()):
         (cc, cn, _), (_, nn2, _), (_, _, dd) = gram
         nc, nn_, dn = math.sqrt(cc), math.sqrt(nn2), math.sqrt(dd)
