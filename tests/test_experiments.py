@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -40,3 +41,14 @@ def test_benchmarks_run_and_print_their_ratios():
     proc = script("bench_layers.py", "--sizes", "1e3", "--layers", "relu", "linear", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3 and proc.stdout.count("x") >= 4
+
+
+@pytest.mark.slow
+def test_device_check_passes_on_cpu_and_refuses_a_missing_gpu():
+    """The GPU machine's checks (mixed precision twins, resume with the device RNG, DDP) run here on CPU."""
+    proc = script("device_check.py", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok   ") == 3, proc.stdout
+    if not torch.cuda.is_available():
+        proc = script("device_check.py", "--device", "cuda")
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --device cuda"), proc.stderr
