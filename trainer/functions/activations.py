@@ -27,6 +27,7 @@ from torch import nn
 
 from trainer import layers
 from trainer.functions import amp
+from trainer.functions.amp import LOW
 from trainer.layers import Case
 
 
@@ -57,9 +58,6 @@ def _spread(*shape: int, scale: float, kinks: tuple[float, ...], gap: float = 0.
 _EDGES = (-math.inf, -1e30, -100.0, -20.0, -3.0, -1.0, -1e-8, -0.0, 0.0, 1e-8, 1.0, 3.0, 20.0, 100.0, 1e30, math.inf)
 
 
-_LOW = (torch.float16, torch.bfloat16)
-
-
 class _Consts:
     """The numbers ``make(dtype)`` as 0-dim tensors, for arithmetic with a tensor of that dtype.
 
@@ -86,7 +84,7 @@ def _compute(fn, consts: _Consts, t: torch.Tensor, *args):
     in float32 and the result rounded once, as native kernels do. (One call layer: on 1e4
     elements each Python frame and check between the Function and its ops is measurable.)
     """
-    if t.dtype in _LOW:
+    if t.dtype in LOW:
         t, low = t.float(), t.dtype
         return fn(t, *(a.float() if isinstance(a, torch.Tensor) else a for a in args), consts.of(t)).to(low)
     k = consts.cpu.get(t.dtype) if t.is_cpu else None

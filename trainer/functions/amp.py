@@ -27,6 +27,18 @@ FP32 = {"cpu": "fp32", "cuda": "fp32"}
 FP32_ON_CUDA = {"cuda": "fp32"}
 KEEP: Mapping[str, str] = {}
 
+LOW = (torch.float16, torch.bfloat16)  # computed in float32 and rounded once, as native kernels do
+
+
+def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in the dtype native kernels compute in: float32 for half types, else ``t`` itself (None stays None)."""
+    return t.float() if t is not None and t.dtype in LOW else t
+
+
+def as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype``, without a copy when it already is (None stays None: a grad not asked for)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
 _C_APPLY = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
 _FAST: dict[type, tuple[object, int]] = {}
 

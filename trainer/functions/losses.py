@@ -14,19 +14,8 @@ from torch import nn
 
 from trainer import layers
 from trainer.functions import amp
+from trainer.functions.amp import as_dtype, opmath
 from trainer.layers import Case
-
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _opmath(t: torch.Tensor | None) -> torch.Tensor | None:
-    """float32 for half/bfloat16 tensors (native kernels accumulate in fp32), else ``t`` itself."""
-    return t.float() if t is not None and t.dtype in _LOW else t
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
@@ -34,7 +23,7 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def _scale(g: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
     """The incoming grad as a per-element factor: g for none/sum, g/N for mean."""
-    return _opmath(g) / n if reduction == "mean" else _opmath(g)
+    return opmath(g) / n if reduction == "mean" else opmath(g)
 
 
 def _broadcast(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +57,7 @@ class MSELossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, reduction):
-        d = _opmath(x) - _opmath(t)
+        d = opmath(x) - opmath(t)
         return _reduce(d.mul_(d), reduction).to(x.dtype)
 
     @staticmethod
@@ -80,7 +69,7 @@ class MSELossFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, t = ctx.saved_tensors
         # dx = 2(x − t)·g/N (no /N for sum), dt = −dx
-        dx = (_opmath(x) - _opmath(t)) * (2 * _scale(g, ctx.reduction, x.numel()))
+        dx = (opmath(x) - opmath(t)) * (2 * _scale(g, ctx.reduction, x.numel()))
         return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None,
                 dx.neg().to(t.dtype) if ctx.needs_input_grad[1] else None, None)
 
@@ -115,7 +104,7 @@ class L1LossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, reduction):
-        d = _opmath(x) - _opmath(t)
+        d = opmath(x) - opmath(t)
         # sign(x − t) as int8 is all backward needs: an extra output, so it can be saved
         sign = d.sign().to(torch.int8)
         return _reduce(d.abs_(), reduction).to(x.dtype), sign
@@ -166,7 +155,7 @@ class HuberLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, reduction, delta):
-        d = _opmath(x) - _opmath(t)
+        d = opmath(x) - opmath(t)
         # ½d² where |d| < δ, else δ(|d| − ½δ): both are h(d − ½h) with h = clamp(d, −δ, δ)
         h = d.clamp(-delta, delta)
         return _reduce(d.sub_(h, alpha=0.5).mul_(h), reduction).to(x.dtype)
@@ -180,7 +169,7 @@ class HuberLossFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, t = ctx.saved_tensors
         # dx = clamp(x − t, −δ, δ)·g/N, dt = −dx; hardtanh's backward is 0 at ±δ, as native's second derivative
-        dx = F.hardtanh_(_opmath(x) - _opmath(t), -ctx.delta, ctx.delta) * _scale(g, ctx.reduction, x.numel())
+        dx = F.hardtanh_(opmath(x) - opmath(t), -ctx.delta, ctx.delta) * _scale(g, ctx.reduction, x.numel())
         return (dx.to(x.dtype) if ctx.needs_input_grad[0] else None,
                 dx.neg().to(t.dtype) if ctx.needs_input_grad[1] else None, None, None)
 
@@ -309,9 +298,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, t, w, ignore_index, reduction, eps):
-        tf = _opmath(t) if t.is_floating_point() else t
-        loss, mid = cross_entropy_forward(_opmath(x), tf, _opmath(w), ignore_index, reduction, eps)
-        return _as(loss, x.dtype), _as(mid, x.dtype)
+        tf = opmath(t) if t.is_floating_point() else t
+        loss, mid = cross_entropy_forward(opmath(x), tf, opmath(w), ignore_index, reduction, eps)
+        return as_dtype(loss, x.dtype), as_dtype(mid, x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -323,11 +312,11 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_mid):
         mid, t, w = ctx.saved_tensors
-        tf = _opmath(t) if t.is_floating_point() else t
-        dx, dt = cross_entropy_backward(_opmath(g), _opmath(g_mid), _opmath(mid), tf, _opmath(w),
+        tf = opmath(t) if t.is_floating_point() else t
+        dx, dt = cross_entropy_backward(opmath(g), opmath(g_mid), opmath(mid), tf, opmath(w),
                                         ctx.ignore_index, ctx.reduction, ctx.eps, *ctx.needs_input_grad[:2])
-        return (_as(dx, mid.dtype) if dx is not None else None,
-                _as(dt, t.dtype) if dt is not None else None, None, None, None, None)
+        return (as_dtype(dx, mid.dtype) if dx is not None else None,
+                as_dtype(dt, t.dtype) if dt is not None else None, None, None, None, None)
 
 
 def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
@@ -431,7 +420,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x_in, t, w, pw, reduction):
-        x, t, w, pw = map(_opmath, (x_in, t, w, pw))
+        x, t, w, pw = map(opmath, (x_in, t, w, pw))
         # L = −[pw·t·log σ(x) + (1 − t)·log σ(−x)] = (1 − t)x − (1 + (pw − 1)t)·log σ(x), times w
         loss = torch.addcmul(x, t, x, value=-1)
         if pw is None:
@@ -448,7 +437,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x_in, t_in, w, pw = ctx.saved_tensors
-        x, t, w, pw = map(_opmath, (x_in, t_in, w, pw))
+        x, t, w, pw = map(opmath, (x_in, t_in, w, pw))
         s = _scale(g, ctx.reduction, x.numel())
         s = s if w is None else s * w
         dx = dt = None

@@ -26,20 +26,8 @@ from torch import nn
 
 from trainer import layers
 from trainer.functions import amp
+from trainer.functions.amp import LOW, as_dtype, opmath
 from trainer.layers import Case
-
-
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _opmath(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the dtype native kernels compute in: float32 for half types, else its own."""
-    return t.float() if t.dtype in _LOW else t
-
-
-def _as(t: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """``t`` in ``dtype``; None stays None (a grad not asked for)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def _rsqrt_var_eps(r: torch.Tensor, n: int, eps: float, squared: bool = False) -> torch.Tensor:
@@ -69,7 +57,7 @@ KEEP_X_HAT_NUMEL = 1 << 18
 
 def _keeps_x_hat(x, weight, bias) -> bool:
     """Whether the middle output is x_hat: not y (affine), no wider than x (not half), and x is small."""
-    return (weight is not None or bias is not None) and x.dtype not in _LOW and x.numel() <= KEEP_X_HAT_NUMEL
+    return (weight is not None or bias is not None) and x.dtype not in LOW and x.numel() <= KEEP_X_HAT_NUMEL
 
 
 def layer_norm_forward(x, weight, bias, ndim: int, eps: float):
@@ -81,7 +69,7 @@ def layer_norm_forward(x, weight, bias, ndim: int, eps: float):
     """
     dims = -1 if ndim == 1 else tuple(range(-ndim, 0))
     D = x.shape[-1] if ndim == 1 else math.prod(x.shape[-ndim:])
-    xf = _opmath(x)
+    xf = opmath(x)
     s = xf.sum(dims, keepdim=True)
     y = torch.sub(xf, s, alpha=1 / D if D else math.nan)  # x - mean: two-pass variance
     rstd = _rsqrt_var_eps(torch.linalg.vector_norm(y, dim=dims, keepdim=True), D, eps)
@@ -94,7 +82,7 @@ def layer_norm_forward(x, weight, bias, ndim: int, eps: float):
         y.mul_(weight)
     if bias is not None:
         y.add_(bias)
-    return _as(y, x.dtype), s, rstd
+    return as_dtype(y, x.dtype), s, rstd
 
 
 def layer_norm_backward(g, x_hat, rstd, weight, ndim: int, needs):
@@ -127,9 +115,9 @@ def layer_norm_backward_fused(g, src, s, rstd, weight, ndim: int, needs):
     D = src.shape[-1] if ndim == 1 else math.prod(src.shape[-ndim:])
     rows = ndim == 1 and src.dim() == 2                   # (N, D) with (N, 1) stats: no reshapes
     if rows:
-        g2, x2, r = g, _opmath(src), rstd
+        g2, x2, r = g, opmath(src), rstd
     else:
-        g2, x2, r = g.reshape(-1, D), _opmath(src).reshape(-1, D), rstd.reshape(-1, 1)
+        g2, x2, r = g.reshape(-1, D), opmath(src).reshape(-1, D), rstd.reshape(-1, 1)
         s = s.reshape(-1, 1) if s is not None else None
     dx = dw = db = None
     if needs[0] or (needs[1] and weight is not None):
@@ -211,21 +199,21 @@ class LayerNormFunction(torch.autograd.Function):
         if g_mid is None and g_rstd is None and not torch.is_grad_enabled():   # first order: the common case
             if g is None:
                 return None, None, None, None, None
-            dx, dw, db = layer_norm_backward_fused(_opmath(g), src, s, rstd, weight, ctx.ndim, ctx.needs_input_grad)
-            return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None
+            dx, dw, db = layer_norm_backward_fused(opmath(g), src, s, rstd, weight, ctx.ndim, ctx.needs_input_grad)
+            return as_dtype(dx, x_dtype), as_dtype(dw, w_dtype), as_dtype(db, b_dtype), None, None
         x_hat = src
         if s is not None:
             D = math.prod(src.shape[-ctx.ndim:])
-            x_hat = torch.sub(_opmath(src), s, alpha=1 / D if D else math.nan) * rstd
+            x_hat = torch.sub(opmath(src), s, alpha=1 / D if D else math.nan) * rstd
         dx = dw = db = None
         if g is not None and torch.is_grad_enabled():     # recorded: double backward or torch.func
-            dx, dw, db = layer_norm_backward(_opmath(g), x_hat, rstd, weight, ctx.ndim, ctx.needs_input_grad)
+            dx, dw, db = layer_norm_backward(opmath(g), x_hat, rstd, weight, ctx.ndim, ctx.needs_input_grad)
         elif g is not None:
-            dx, dw, db = layer_norm_backward_fused(_opmath(g), src, s, rstd, weight, ctx.ndim, ctx.needs_input_grad)
+            dx, dw, db = layer_norm_backward_fused(opmath(g), src, s, rstd, weight, ctx.ndim, ctx.needs_input_grad)
         if ctx.needs_input_grad[0] and (g_mid is not None or g_rstd is not None):
             extra = layer_norm_stats_backward(g_mid, g_rstd, x_hat, rstd, ctx.ndim, ctx.mid_is_x_hat)
             dx = extra if dx is None else dx + extra
-        return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None
+        return as_dtype(dx, x_dtype), as_dtype(dw, w_dtype), as_dtype(db, b_dtype), None, None
 
 
 class CustomLayerNorm(nn.LayerNorm):
@@ -290,7 +278,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, eps: float):
     value, where a division would cost a kernel and a scalar conversion. In eval they are
     copies of running_mean and running_var.
     """
-    xf = _opmath(x)
+    xf = opmath(x)
     if running_mean is None:
         M = x.numel() // x.shape[1]
         s = _channel_sums(xf)
@@ -304,14 +292,14 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, eps: float):
         y.mul_(_per_channel(k, x))                        # in place is safe: forward records no graph
         if bias is not None:
             y.add_(_per_channel(bias, x))
-        return _as(y, x.dtype), s, q
+        return as_dtype(y, x.dtype), s, q
     mean, var = running_mean.to(xf.dtype, copy=True), running_var.to(xf.dtype, copy=True)
     k = _rsqrt_var_eps(var, 1, eps, squared=True)
     if weight is not None:
         k = k.mul_(weight)
     shift = torch.addcmul(bias, mean, k, value=-1) if bias is not None else (mean * k).neg_()
     # y = x * k + shift per channel, as the native CPU kernel computes it
-    return _as((xf * _per_channel(k, x)).add_(_per_channel(shift, x)), x.dtype), mean, var
+    return as_dtype((xf * _per_channel(k, x)).add_(_per_channel(shift, x)), x.dtype), mean, var
 
 
 def batch_norm_backward(g, x_hat, rstd, weight, train: bool, needs):
@@ -341,7 +329,7 @@ def batch_norm_backward_fused(g, src, s, rstd, weight, src_is_x_hat: bool, needs
     three passes. In-place ops write only buffers computed from g, so vmap over grads works.
     """
     M = g.numel() // g.shape[1]
-    xf = _opmath(src)
+    xf = opmath(src)
     dx = dw = db = None
     sum_g = _channel_sums(g)                              # d beta = sum g
     if needs[0] or (needs[1] and weight is not None):
@@ -410,24 +398,24 @@ class BatchNormFunction(torch.autograd.Function):
         src, weight, s, q = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         M = 1 if src is None else src.numel() // src.shape[1]
-        rstd = _rsqrt_var_eps(_opmath(q), M if ctx.train else 1, ctx.eps, squared=True)
+        rstd = _rsqrt_var_eps(opmath(q), M if ctx.train else 1, ctx.eps, squared=True)
         if ctx.train and g_s is None and g_q is None and not torch.is_grad_enabled():   # the common case
             if g is None:
                 return None, None, None, None, None, None
-            dx, dw, db = batch_norm_backward_fused(_opmath(g), src, s, rstd, weight, ctx.y_is_x_hat,
+            dx, dw, db = batch_norm_backward_fused(opmath(g), src, s, rstd, weight, ctx.y_is_x_hat,
                                                    ctx.needs_input_grad)
-            return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None, None
+            return as_dtype(dx, x_dtype), as_dtype(dw, w_dtype), as_dtype(db, b_dtype), None, None, None
         x_hat = None
         if src is not None:
-            mean = _opmath(s) / M if ctx.train else _opmath(s)
-            x_hat = src if ctx.y_is_x_hat else (_opmath(src) - _per_channel(mean, src)) * _per_channel(rstd, src)
+            mean = opmath(s) / M if ctx.train else opmath(s)
+            x_hat = src if ctx.y_is_x_hat else (opmath(src) - _per_channel(mean, src)) * _per_channel(rstd, src)
         dx = dw = db = None
         if g is not None:
-            dx, dw, db = batch_norm_backward(_opmath(g), x_hat, rstd, weight, ctx.train, ctx.needs_input_grad)
+            dx, dw, db = batch_norm_backward(opmath(g), x_hat, rstd, weight, ctx.train, ctx.needs_input_grad)
         if ctx.train and ctx.needs_input_grad[0] and (g_s is not None or g_q is not None):
             extra = batch_norm_stats_backward(g_s, g_q, x_hat, rstd)
             dx = extra if dx is None else dx + extra
-        return _as(dx, x_dtype), _as(dw, w_dtype), _as(db, b_dtype), None, None, None
+        return as_dtype(dx, x_dtype), as_dtype(dw, w_dtype), as_dtype(db, b_dtype), None, None, None
 
 
 class _BatchNormTwin:

@@ -12,15 +12,8 @@ from torch import nn
 
 from trainer import layers
 from trainer.functions import amp
+from trainer.functions.amp import as_dtype, opmath
 from trainer.layers import Case
-
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _opmath(t: torch.Tensor) -> torch.Tensor:
-    """float32 for half/bfloat16 tensors (native kernels accumulate in fp32), else ``t`` itself."""
-    return t.float() if t.dtype in _LOW else t
-
 
 def _dim(module: nn.Softmax | nn.LogSoftmax, x: torch.Tensor, name: str) -> int:
     """The module's dim, or native's legacy choice (with its warning, in eager only) when it is None."""
@@ -41,10 +34,6 @@ def _values(*rows: list[float]):
 
 # --- shared math ---------------------------------------------------------------------------
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _shifted(x32: torch.Tensor, dim: int) -> torch.Tensor:
     """x - max_dim(x), a fresh tensor; an all -inf row gives NaN, as native does."""
     if x32.shape[dim] == 0:  # amax refuses an empty dim; the result is empty anyway
@@ -54,30 +43,30 @@ def _shifted(x32: torch.Tensor, dim: int) -> torch.Tensor:
 
 def log_softmax_forward(x: torch.Tensor, dim: int) -> torch.Tensor:
     # log softmax(x) = z − log Σ e^z with z = x − max x, in that order (as native) so large rows keep precision
-    z = _shifted(_opmath(x), dim)
-    return _as(z.sub_(z.exp().sum(dim, keepdim=True).log_()), x.dtype)
+    z = _shifted(opmath(x), dim)
+    return as_dtype(z.sub_(z.exp().sum(dim, keepdim=True).log_()), x.dtype)
 
 
 def softmax_forward(x: torch.Tensor, dim: int) -> torch.Tensor:
     # softmax(x) = e^z / Σ e^z with z = x − max x
-    e = _shifted(_opmath(x), dim).exp_()
-    return _as(e.div_(e.sum(dim, keepdim=True)), x.dtype)
+    e = _shifted(opmath(x), dim).exp_()
+    return as_dtype(e.div_(e.sum(dim, keepdim=True)), x.dtype)
 
 
 def softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     # dx = y ⊙ (g − Σ_dim g⊙y), in place on the one fresh buffer g⊙y (addcmul_ has no vmap batching rule)
-    y32 = _opmath(y)
-    gy = _opmath(g) * y32
+    y32 = opmath(y)
+    gy = opmath(g) * y32
     s = gy.sum(dim, keepdim=True)
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return _as(torch.addcmul(gy, y32, s, value=-1), g.dtype)
-    return _as(gy.addcmul_(y32, s, value=-1), g.dtype)
+        return as_dtype(torch.addcmul(gy, y32, s, value=-1), g.dtype)
+    return as_dtype(gy.addcmul_(y32, s, value=-1), g.dtype)
 
 
 def log_softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     # dx = g − e^y Σ_dim g
-    g32 = _opmath(g)
-    return _as(torch.addcmul(g32, _opmath(y).exp(), g32.sum(dim, keepdim=True), value=-1), g.dtype)
+    g32 = opmath(g)
+    return as_dtype(torch.addcmul(g32, opmath(y).exp(), g32.sum(dim, keepdim=True), value=-1), g.dtype)
 
 
 # --- softmax -------------------------------------------------------------------------------
