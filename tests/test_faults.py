@@ -16,7 +16,6 @@ import planted_layers  # noqa: F401  registers the poisoned layer and the marked
 from conftest import QUICKSTART, StopAt
 from trainer import Trainer, load_config
 from trainer.cli import main
-from trainer.loop import NonFiniteLoss
 
 RESUMABLE = ["model={name: mlp, in_features: 10, out_features: 1, hidden: [32, 32], dropout: 0.1}",
              "optimizer={name: adam, lr: 0.003}", "scheduler={name: cosine, warmup_steps: 20}",
