@@ -91,25 +91,20 @@ def _compute(fn, consts: _Consts, t: torch.Tensor, *args):
     return fn(t, *args, k if k is not None else consts.of(t))
 
 
-def _owned() -> bool:
-    """Whether a fresh temporary may be written through ``out=``: grad mode off (nothing is recorded),
-    no torch.func transform active (its tensors may be batched) and nothing being compiled."""
+def _owned(g: torch.Tensor | None = None) -> bool:
+    """Whether a fresh temporary may be written in place or through ``out=``: grad mode off (nothing
+    is recorded; with create_graph the ops are recorded as usual), no torch.func transform active
+    (its tensors may be batched), nothing being compiled, and, when a result takes ``g``, g not
+    batched by ``autograd.grad(is_grads_batched=True)`` (as gradcheck does): a batched value cannot
+    be written into an unbatched tensor.
+    """
     return not (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-                or torch.compiler.is_compiling())
+                or torch.compiler.is_compiling() or g is not None and torch._C._functorch.is_legacy_batchedtensor(g))
 
 
 def _times(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``g * f``, written into ``f``, a fresh temporary the caller owns, where that is safe.
-
-    Not when g may be batched where f is not (vmapped over grad_outputs by a torch.func transform,
-    or by ``autograd.grad(is_grads_batched=True)``, as gradcheck does): a batched value cannot be
-    written into an unbatched tensor. Nor with grad mode on (create_graph: the product is recorded
-    as usual), nor while compiling.
-    """
-    if (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-            or torch._C._functorch.is_legacy_batchedtensor(g)):
-        return g * f
-    return f.mul_(g)
+    """``g * f``, written into ``f``, a fresh temporary the caller owns, where ``_owned(g)``."""
+    return f.mul_(g) if _owned(g) else g * f
 
 
 def _step(t: torch.Tensor, at: float = 0.0) -> torch.Tensor:
@@ -724,7 +719,7 @@ def hardsigmoid_backward(g: torch.Tensor, x: torch.Tensor, k) -> torch.Tensor:
     _, _, nine, zero = k
     x = x.detach()
     inside = torch.addcmul(nine, x, x, value=-1).sign_().clamp_min_(0)
-    if _owned() and not torch._C._functorch.is_legacy_batchedtensor(g):  # as _times: written into the mask
+    if _owned(g):  # written into the mask, as _times does
         return torch.addcmul(zero, g, inside, value=1 / 6, out=inside)
     return torch.addcmul(zero, g, inside, value=1 / 6)
 
