@@ -265,10 +265,8 @@ def cross_entropy_backward(g, g_mid, mid, t, w, ignore_index, reduction, eps, ne
         if need_t:  # dt = −s·(1−ε)·w⊙log p
             dt = logp * (-(1 - eps) * (s if w is None else s * _along_classes(w, logp, cdim)))
     elif g is not None and need_x:
-        t = t.unsqueeze(cdim)
-        valid = t != ignore_index
-        ts = t.clamp(0, C - 1)  # forward checked each target is a class or ignore_index: this moves only ignored ones
-        wy = valid.to(p.dtype) if w is None else w[ts] * valid
+        valid, ts, wy = _class_index_terms(t, w, ignore_index, cdim)
+        wy = valid.to(p.dtype) if wy is None else wy
         if reduction == "none":
             g = g.unsqueeze(cdim)
         elif reduction == "mean" and w is None:           # Σ_valid w_y counts the valid rows: 0 only if none is
