@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 import torch
@@ -102,6 +103,10 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget", type=float, default=0.05, help="seconds per timing")
     args = p.parse_args()
+    if min(args.sizes) < 1 or args.rounds < 1 or not args.budget > 0:
+        print("error: --sizes must be at least 1, --rounds at least 1 and --budget above 0 "
+              f"(got {args.sizes}, {args.rounds}, {args.budget})", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes]
     head = "".join(f"{f'{s:.0e} time':>12}{'bytes':>7}" for s in sizes)

@@ -172,6 +172,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model", choices=[*MODELS, "both"], default="both")
     args = p.parse_args()
+    if args.steps <= WARM + TURN or args.repeats < 1:
+        print(f"error: --steps must be above {WARM + TURN} (steps up to {WARM} are warm-up) and --repeats "
+              f"at least 1 (got {args.steps}, {args.repeats})", file=sys.stderr)
+        sys.exit(2)
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
     print(f"{'comparison':44} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
 

@@ -94,6 +94,9 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device here (try --device cpu)", file=sys.stderr)
         return 2
+    if args.procs is not None and args.procs < 1:
+        print(f"error: --procs must be at least 1, got {args.procs}", file=sys.stderr)
+        return 2
     procs = args.procs or (torch.cuda.device_count() if args.device == "cuda" else 2)
     logdir = Path(tempfile.mkdtemp(prefix="device_check_"))
     try:
