@@ -36,8 +36,9 @@ class RunLog:
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
             self.writer._get_file_writer().add_summary(summary, step)
 
-    def progress(self, **values: str) -> None:
-        self.bar.set_postfix(values, refresh=False)
+    def progress(self, postfix: str) -> None:
+        """The bar's text after the counts (``loss=0.12, lr=0.01``), shown at its next refresh."""
+        self.bar.set_postfix_str(postfix, refresh=False)
 
     def text(self, tag: str, body: str) -> None:
         if self.writer is not None:

@@ -150,17 +150,17 @@ class Trainer:
     def train_step(self, batches: list) -> torch.Tensor:
         """One optimizer step over ``batches`` (K accumulated micro-batches); returns the detached mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
-        losses = []
+        k, losses = len(batches), []
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.no_sync(last=i == len(batches) - 1):
+            with self.no_sync() if i < k - 1 else NULL:  # under DDP, all-reduce on the last micro-batch only
                 with self.autocast:
                     loss = self.loss_fn(self.net(x), y)
                 # the mean of K equal micro-batch means is the mean of one K-times-larger batch
-                self.scaler.scale(loss / len(batches) if len(batches) > 1 else loss).backward()
+                self.scaler.scale(loss / k if k > 1 else loss).backward()
             losses.append(loss.detach())
-            self._samples += len(x)
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+            self._samples += x.shape[0]
+        loss = losses[0] if k == 1 else torch.stack(losses).mean()
         if self.cfg.train.skip_nonfinite and not torch.isfinite(loss):  # a device sync, only in this mode
             self._skipped += 1
             return loss
@@ -245,10 +245,10 @@ class Trainer:
         if log.histograms_every and step % log.histograms_every == 0:
             self.log.histograms(step, self.model)
         # under DDP every rank must agree to stop at the same step, so they vote at the log cadence
-        if not self.env.distributed or step % log.every == 0:
-            if distributed.any_rank(self._signal is not None, self.env):
-                self.save()
-                raise Interrupted(self._signal or signal.SIGTERM)
+        if self._signal is not None if not self.env.distributed else \
+                step % log.every == 0 and distributed.any_rank(self._signal is not None, self.env):
+            self.save()
+            raise Interrupted(self._signal or signal.SIGTERM)
 
     def finished(self) -> bool:
         t = self.cfg.train
@@ -264,32 +264,35 @@ class Trainer:
 
     # --- measuring ------------------------------------------------------------------------
 
-    def check_finite(self, weights: bool = False) -> torch.Tensor:
-        """The losses since the last log, after one sync; NonFiniteLoss names the first bad step.
+    def check_finite(self, weights: bool = False) -> tuple[float, int]:
+        """The sum and count of the finite losses since the last log, after one sync.
 
+        Unless ``train.skip_nonfinite``, a non-finite loss raises NonFiniteLoss naming its step.
         With ``weights``, before a checkpoint, the weights are checked too: a non-finite
         gradient leaves its own step's loss finite but poisons the weights.
         """
-        losses = torch.stack(self._window).float() if self._window else torch.zeros(0)
-        finite = torch.isfinite(losses)
-        if self.cfg.train.skip_nonfinite:
-            return losses
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
-            raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
+        losses = torch.stack(self._window) if self._window else torch.zeros(0)
+        total, count = float(losses.sum(dtype=torch.float64)), len(losses)  # finite sum: all finite
+        if not math.isfinite(total):
+            finite = torch.isfinite(losses)
+            if not self.cfg.train.skip_nonfinite:
+                bad = int((~finite).nonzero()[0])
+                raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
+            total, count = float(losses[finite].sum(dtype=torch.float64)), int(finite.sum())
         if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
             raise NonFiniteLoss(self.step, float("nan"), what="the weights are")
-        return losses
+        return total, count
 
     def log_train(self) -> None:
         """Log the mean loss of the steps since the last call (and lr, grad norm, speed): one sync."""
         if not self._window:
             return
-        losses = self.check_finite()
+        total, count = self.check_finite()
         self._window = []
-        finite = torch.isfinite(losses)
-        sums = distributed.all_sum(torch.stack([losses[finite].sum(), finite.sum()]).to(self.device), self.env)
-        mean = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
+        if self.env.distributed:
+            total, count = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device),
+                                               self.env).tolist()
+        mean = total / count if count > 0 else float("nan")
         now = time.perf_counter()
         speed = self._samples * self.env.world_size / max(now - self._clock, 1e-9)
         self._samples, self._clock = 0, now
@@ -299,7 +302,7 @@ class Trainer:
         if self.cfg.train.skip_nonfinite:
             values["train/skipped_steps"] = self._skipped
         self.log.scalars(self.step, values)
-        self.log.progress(loss=f"{mean:.4g}", lr=f"{lr:.3g}", samples_per_s=f"{speed:.0f}")
+        self.log.progress(f"loss={mean:.4g}, lr={lr:.3g}, samples_per_s={speed:.0f}")
         self.metrics["train/loss"] = mean
         self.watch({"train/loss": mean})
 
@@ -387,9 +390,9 @@ class Trainer:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def no_sync(self, last: bool):
-        """DDP's no_sync on all but the last micro-batch, so gradients are all-reduced once per step."""
-        return self.ddp.no_sync() if self.env.distributed and not last else NULL
+    def no_sync(self):
+        """DDP's no_sync (gradients stay local until the last micro-batch); nothing on one process."""
+        return self.ddp.no_sync() if self.env.distributed else NULL
 
     @contextlib.contextmanager
     def signals(self):
