@@ -69,3 +69,40 @@ def test_tensor_file_names_a_missing_column(tmp_path):
     with pytest.raises(ConfigError) as e:
         datasets.tensor_file(str(tmp_path / "d.csv"), target="label", features=["f0", "f9"])
     assert e.value.path == "features[1]"
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A user's dataset: one sample per integer index, nothing else."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise TypeError(f"one index at a time, got {type(i).__name__}")
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "subset", "user"])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_loader_batches_equal_a_per_sample_dataloader(kind, drop_last):
+    """Gathered batches (tensor datasets) are bit for bit the per-sample DataLoader's; others fall back to it."""
+    from torch.utils.data import DataLoader, RandomSampler, Subset, TensorDataset
+
+    from trainer.data import gathers, loader
+
+    x, y = torch.randn(103, 5), torch.randint(0, 3, (103,))
+    ds = {"tensor": TensorDataset(x, y), "subset": Subset(TensorDataset(x, y), list(range(100, 0, -1))),
+          "user": _Rows(x, y)}[kind]
+    assert gathers(ds) == (kind != "user")
+    ours = loader(ds, RandomSampler(ds, generator=torch.Generator().manual_seed(3)), 16, drop_last)
+    plain = DataLoader(ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(3)), batch_size=16,
+                       drop_last=drop_last)
+    assert len(ours) == len(plain) == (len(ds) // 16 if drop_last else -(-len(ds) // 16))
+    got, want = list(ours), list(plain)
+    assert len(got) == len(want)
+    for (gx, gy), (wx, wy) in zip(got, want):
+        assert torch.equal(gx, wx) and torch.equal(gy, wy) and gx.dtype == wx.dtype
