@@ -105,11 +105,11 @@ def conv2d_backward(g: torch.Tensor, x: torch.Tensor | None, W: torch.Tensor | N
     x4 = x.unsqueeze(0) if unbatched and x is not None else x
     dx = dW = db = None
     if needs[0] and needs[1]:
-        # ATen's kernels behind torch.nn.grad.conv2d_input and conv2d_weight, in one call
-        dx, dW, _ = torch.ops.aten.convolution_backward(
-            g4, x4, W, None, stride, padding, dilation, False, (0, 0), groups, (True, True, False))
-        dx = dx.squeeze(0) if unbatched else dx
-    elif needs[0]:
+        # ATen's kernels behind torch.nn.grad.conv2d_input and conv2d_weight, and db, in one call
+        dx, dW, db = torch.ops.aten.convolution_backward(
+            g4, x4, W, [W_shape[0]], stride, padding, dilation, False, (0, 0), groups, (True, True, needs[2]))
+        return dx.squeeze(0) if unbatched else dx, dW, db
+    if needs[0]:
         out_pad = conv2d_output_padding(x_shape, g.shape, W_shape, stride, padding, dilation)
         dx = F.conv_transpose2d(g, W, None, stride, padding, out_pad, groups, dilation)
     elif needs[1]:
