@@ -9,6 +9,11 @@ other cannot promise (those differed by 1.5x here). Steps up to WARM (one-off se
 first allocations) and the last turn (teardown) are left out; the figure is the median
 over repeats of the ratio of the summed times.
 
+The trainer fetches in-memory batches with one gather per tensor (``trainer.data.loader``).
+So each model has two rows: against the loop a user writes with a plain per-sample
+DataLoader, and against the same bare loop on the trainer's loader, which leaves only
+the cost of the trainer's own loop.
+
     python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
 """
@@ -22,15 +27,16 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from trainer import Trainer, datasets, load_config
+from trainer import Trainer, data, datasets, load_config
 
 # name: (widths, data section, loss)
 WARM = 100
@@ -84,14 +90,17 @@ class Baton:
         self.turn[1 - side].release()
 
 
-def bare_loop(cfg, baton: Baton, side: int) -> None:
-    """The loop a user would write by hand."""
+def bare_loop(cfg, baton: Baton, side: int, gather: bool = False) -> None:
+    """The loop a user would write by hand; with ``gather``, on a loader that fetches batches as the trainer's does."""
     torch.manual_seed(cfg.seed)
     dims = [cfg.model.kwargs["in_features"], *cfg.model.kwargs["hidden"]]
     mods = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     model = nn.Sequential(*mods, nn.Linear(dims[-1], cfg.model.kwargs["out_features"]))
     train = datasets.get(cfg.data.name)(**cfg.data.kwargs)["train"]
-    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True)
+    if gather:
+        loader = data.loader(train, RandomSampler(train), cfg.data.batch_size, drop_last=False)
+    else:
+        loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True)
     loss_fn = nn.MSELoss() if cfg.loss.name == "mse" else nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     device = torch.device("cpu")
@@ -177,17 +186,19 @@ def main() -> None:
               f"at least 1 (got {args.steps}, {args.repeats})", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
-    print(f"{'comparison':44} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
+    print(f"{'comparison':50} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
 
     def row(label: str, first, second, cfg1, cfg2) -> None:
         a, b, r = measure(lambda baton, side: first(cfg1, baton, side), lambda baton, side: second(cfg2, baton, side),
                           args.repeats, args.steps)
-        print(f"{label:44} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x", flush=True)
+        print(f"{label:50} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x", flush=True)
 
     with tempfile.TemporaryDirectory() as logdir:
         for name in MODELS if args.model == "both" else [args.model]:
             cfg = config(name, args.steps, logdir, [])
             row(f"{name} MLP: bare loop -> trainer", bare_loop, trainer_loop, cfg, cfg)
+            row(f"{name} MLP: bare loop, gathered batches -> trainer", partial(bare_loop, gather=True), trainer_loop,
+                cfg, cfg)
         twins = config("tiny", args.steps, logdir, ["layers.default=custom"])
         shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"])
         row("tiny MLP, twins: trainer -> + shadow every 50", trainer_loop, trainer_loop, twins, shadow)
