@@ -244,9 +244,13 @@ class Trainer:
             self.save()
         if log.histograms_every and step % log.histograms_every == 0:
             self.log.histograms(step, self.model)
-        # under DDP every rank must agree to stop at the same step, so they vote at the log cadence
-        if self._signal is not None if not self.env.distributed else \
-                step % log.every == 0 and distributed.any_rank(self._signal is not None, self.env):
+        # SIGINT/SIGTERM: one process stops after this step; under DDP every rank must stop at the same
+        # step, so they vote at the log cadence
+        if self.env.distributed:
+            stop = step % log.every == 0 and distributed.any_rank(self._signal is not None, self.env)
+        else:
+            stop = self._signal is not None
+        if stop:
             self.save()
             raise Interrupted(self._signal or signal.SIGTERM)
 
