@@ -49,6 +49,18 @@ def test_parameters_equal_a_hand_written_loop(quick, clip):
         assert torch.equal(p, q), name
 
 
+
+def test_worker_processes_give_the_same_parameters(quick):
+    """Gathered batches fetched by 2 DataLoader worker processes train exactly as in-process ones."""
+    steps = ["train.max_steps=20", "train.max_epochs=null"]
+    ref = Trainer(quick(*steps))
+    ref.fit()
+    workers = Trainer(quick(*steps, "data.num_workers=2"))
+    assert workers.train_loader.num_workers == 2
+    workers.fit()
+    for (name, p), q in zip(workers.model.named_parameters(), ref.model.parameters()):
+        assert torch.equal(p, q), name
+
 def test_accumulation_equals_one_larger_batch(quick):
     common = ["train.max_steps=6", "train.max_epochs=null", "data.shuffle=false", "optimizer.name=sgd",
               "data.drop_last=true"]
