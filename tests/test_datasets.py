@@ -86,7 +86,17 @@ class _Rows(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-@pytest.mark.parametrize("kind", ["tensor", "subset", "user"])
+class _Augmented(torch.utils.data.TensorDataset):
+    """A TensorDataset whose own __getitem__ works on one sample at a time."""
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise TypeError(f"one index at a time, got {type(i).__name__}")
+        x, y = super().__getitem__(i)
+        return x + 0.0, y
+
+
+@pytest.mark.parametrize("kind", ["tensor", "subset", "user", "tensor-subclass", "subset-of-subclass"])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_loader_batches_equal_a_per_sample_dataloader(kind, drop_last):
     """Gathered batches (tensor datasets) are bit for bit the per-sample DataLoader's; others fall back to it."""
@@ -96,8 +106,9 @@ def test_loader_batches_equal_a_per_sample_dataloader(kind, drop_last):
 
     x, y = torch.randn(103, 5), torch.randint(0, 3, (103,))
     ds = {"tensor": TensorDataset(x, y), "subset": Subset(TensorDataset(x, y), list(range(100, 0, -1))),
-          "user": _Rows(x, y)}[kind]
-    assert gathers(ds) == (kind != "user")
+          "user": _Rows(x, y), "tensor-subclass": _Augmented(x, y),
+          "subset-of-subclass": Subset(_Augmented(x, y), list(range(50)))}[kind]
+    assert gathers(ds) == (kind in ("tensor", "subset"))
     ours = loader(ds, RandomSampler(ds, generator=torch.Generator().manual_seed(3)), 16, drop_last)
     plain = DataLoader(ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(3)), batch_size=16,
                        drop_last=drop_last)

@@ -35,10 +35,14 @@ class ResumableSampler(DistributedSampler):
 
 
 def gathers(dataset: Dataset) -> bool:
-    """True for a TensorDataset (or a Subset of one): indexing it with a list of indices gives a whole batch."""
-    while isinstance(dataset, Subset):
+    """True for a TensorDataset (or a Subset of one): indexing it with a list of indices gives a whole batch.
+
+    Only where ``__getitem__`` is torch's own: a subclass that overrides it (per-sample augmentation,
+    say) expects one index at a time.
+    """
+    while type(dataset).__getitem__ is Subset.__getitem__:
         dataset = dataset.dataset
-    return isinstance(dataset, TensorDataset)
+    return type(dataset).__getitem__ is TensorDataset.__getitem__
 
 
 def loader(dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, **common) -> DataLoader:
