@@ -9,7 +9,8 @@ other cannot promise (those differed by 1.5x here). Steps up to WARM (one-off se
 first allocations) and the last turn (teardown) are left out; the figure is the median
 over repeats of the ratio of the summed times.
 
-The trainer fetches in-memory batches with one gather per tensor (``trainer.data.loader``).
+The trainer's built-in datasets hand the loader whole batches, one gather per tensor
+(``trainer.datasets.Tensors``).
 So each model has two rows: against the loop a user writes with a plain per-sample
 DataLoader, and against the same bare loop on the trainer's loader, which leaves only
 the cost of the trainer's own loop.
@@ -32,7 +33,7 @@ from functools import partial
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -91,16 +92,15 @@ class Baton:
 
 
 def bare_loop(cfg, baton: Baton, side: int, gather: bool = False) -> None:
-    """The loop a user would write by hand; with ``gather``, on a loader that fetches batches as the trainer's does."""
+    """The loop a user would write by hand; with ``gather``, on batches gathered whole as the trainer's are."""
     torch.manual_seed(cfg.seed)
     dims = [cfg.model.kwargs["in_features"], *cfg.model.kwargs["hidden"]]
     mods = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     model = nn.Sequential(*mods, nn.Linear(dims[-1], cfg.model.kwargs["out_features"]))
     train = datasets.get(cfg.data.name)(**cfg.data.kwargs)["train"]
-    if gather:
-        loader = data.loader(train, RandomSampler(train), cfg.data.batch_size, drop_last=False)
-    else:
-        loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True)
+    if not gather:  # what a user writes: per-sample __getitem__ and default_collate
+        train = TensorDataset(*train.tensors)
+    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=data.collate)
     loss_fn = nn.MSELoss() if cfg.loss.name == "mse" else nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     device = torch.device("cpu")

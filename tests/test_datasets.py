@@ -86,34 +86,42 @@ class _Rows(torch.utils.data.Dataset):
         return self.x[i], self.y[i]
 
 
-class _Augmented(torch.utils.data.TensorDataset):
-    """A TensorDataset whose own __getitem__ works on one sample at a time."""
-
-    def __getitem__(self, i):
-        if not isinstance(i, int):
-            raise TypeError(f"one index at a time, got {type(i).__name__}")
-        x, y = super().__getitem__(i)
-        return x + 0.0, y
-
-
-@pytest.mark.parametrize("kind", ["tensor", "subset", "user", "tensor-subclass", "subset-of-subclass"])
+@pytest.mark.parametrize("kind", ["tensors", "subset", "user", "torch-tensordataset"])
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_loader_batches_equal_a_per_sample_dataloader(kind, drop_last):
-    """Gathered batches (tensor datasets) are bit for bit the per-sample DataLoader's; others fall back to it."""
+    """Gathered batches (the built-ins' Tensors) are bit for bit a per-sample DataLoader's; others are collated."""
     from torch.utils.data import DataLoader, RandomSampler, Subset, TensorDataset
 
-    from trainer.data import gathers, loader
+    from trainer.data import collate
 
     x, y = torch.randn(103, 5), torch.randint(0, 3, (103,))
-    ds = {"tensor": TensorDataset(x, y), "subset": Subset(TensorDataset(x, y), list(range(100, 0, -1))),
-          "user": _Rows(x, y), "tensor-subclass": _Augmented(x, y),
-          "subset-of-subclass": Subset(_Augmented(x, y), list(range(50)))}[kind]
-    assert gathers(ds) == (kind in ("tensor", "subset"))
-    ours = loader(ds, RandomSampler(ds, generator=torch.Generator().manual_seed(3)), 16, drop_last)
-    plain = DataLoader(ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(3)), batch_size=16,
-                       drop_last=drop_last)
-    assert len(ours) == len(plain) == (len(ds) // 16 if drop_last else -(-len(ds) // 16))
+    order = list(range(100, 0, -1))
+    ds, ref = {"tensors": (datasets.Tensors(x, y), TensorDataset(x, y)),
+               "subset": (Subset(datasets.Tensors(x, y), order), Subset(TensorDataset(x, y), order)),
+               "user": (_Rows(x, y), _Rows(x, y)),
+               "torch-tensordataset": (TensorDataset(x, y), TensorDataset(x, y))}[kind]
+    seen = []
+
+    def spy(samples):
+        seen.append(isinstance(samples, datasets.Batch))
+        return collate(samples)
+
+    ours = DataLoader(ds, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(3)), batch_size=16,
+                      drop_last=drop_last, collate_fn=spy)
+    plain = DataLoader(ref, sampler=RandomSampler(ref, generator=torch.Generator().manual_seed(3)), batch_size=16,
+                       drop_last=drop_last)  # per sample, default_collate
     got, want = list(ours), list(plain)
-    assert len(got) == len(want)
+    assert len(got) == len(want) == (len(ds) // 16 if drop_last else -(-len(ds) // 16))
+    assert seen == [kind in ("tensors", "subset")] * len(got)  # gathered whole, or collated sample by sample
     for (gx, gy), (wx, wy) in zip(got, want):
         assert torch.equal(gx, wx) and torch.equal(gy, wy) and gx.dtype == wx.dtype
+
+
+def test_builtin_datasets_gather_and_the_trainer_loader_is_a_plain_dataloader(quick):
+    from trainer import Trainer
+    from trainer.data import ResumableSampler
+
+    assert all(isinstance(d, datasets.Tensors) for d in datasets.regression().values())
+    trainer = Trainer(quick())
+    loader = trainer.train_loader
+    assert isinstance(loader.sampler, ResumableSampler) and loader.batch_size == trainer.cfg.data.batch_size

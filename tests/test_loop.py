@@ -51,7 +51,7 @@ def test_parameters_equal_a_hand_written_loop(quick, clip):
 
 
 def test_worker_processes_give_the_same_parameters(quick):
-    """Gathered batches fetched by 2 DataLoader worker processes train exactly as in-process ones."""
+    """Batches gathered by 2 DataLoader worker processes train exactly as in-process ones."""
     steps = ["train.max_steps=20", "train.max_epochs=null"]
     ref = Trainer(quick(*steps))
     ref.fit()

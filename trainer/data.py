@@ -1,8 +1,8 @@
 """Data loaders that can resume mid-epoch: a seeded per-epoch order that can skip the batches already seen.
 
-In-memory tensor datasets (every built-in) are fetched a batch at a time: the loader hands the
-dataset a list of indices and gets the batch from one gather per tensor, instead of
-``batch_size`` calls to ``__getitem__`` and a collate. The batches are the same, bit for bit.
+A dataset with a ``__getitems__`` that returns a ``trainer.datasets.Batch`` (every built-in
+does) hands the loader whole batches; ``collate`` passes them as they are and collates
+anything else as a plain DataLoader does.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from itertools import islice
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from trainer.config import DataConfig
+from trainer.datasets import Batch
 from trainer.distributed import Env
 
 
@@ -34,22 +35,9 @@ class ResumableSampler(DistributedSampler):
         return max(0, super().__len__() - self.skip)
 
 
-def gathers(dataset: Dataset) -> bool:
-    """True for a TensorDataset (or a Subset of one): indexing it with a list of indices gives a whole batch.
-
-    Only where ``__getitem__`` is torch's own: a subclass that overrides it (per-sample augmentation,
-    say) expects one index at a time.
-    """
-    while type(dataset).__getitem__ is Subset.__getitem__:
-        dataset = dataset.dataset
-    return type(dataset).__getitem__ is TensorDataset.__getitem__
-
-
-def loader(dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool, **common) -> DataLoader:
-    """A DataLoader over ``sampler``'s order: a gather per batch where the dataset allows it, else per sample."""
-    if gathers(dataset):  # batch_size=None: the dataset gets BatchSampler's index lists as they are
-        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None, **common)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, drop_last=drop_last, **common)
+def collate(samples: list | Batch):
+    """A Batch a dataset gathered whole (``Tensors.__getitems__``) as it is; a list of samples collated."""
+    return samples if isinstance(samples, Batch) else default_collate(samples)
 
 
 def loaders(train: Dataset, val: Dataset | None, cfg: DataConfig, env: Env, seed: int
@@ -58,11 +46,11 @@ def loaders(train: Dataset, val: Dataset | None, cfg: DataConfig, env: Env, seed
     sampler = ResumableSampler(train, env, shuffle=cfg.shuffle, seed=seed)
     pin = env.device.type == "cuda"
     # A generator of its own keeps each new iterator from drawing on the global RNG (resume stays exact).
-    common = dict(num_workers=cfg.num_workers, pin_memory=pin, generator=torch.Generator(),
-                  persistent_workers=cfg.num_workers > 0)
-    train_loader = loader(train, sampler, cfg.batch_size, cfg.drop_last, **common)
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin, collate_fn=collate,
+                  generator=torch.Generator(), persistent_workers=cfg.num_workers > 0)
+    train_loader = DataLoader(train, sampler=sampler, drop_last=cfg.drop_last, **common)
     val_loader = None
     if val is not None and len(val):
         val_sampler = DistributedSampler(val, num_replicas=env.world_size, rank=env.rank, shuffle=False)
-        val_loader = loader(val, val_sampler, cfg.batch_size, False, **common)
+        val_loader = DataLoader(val, sampler=val_sampler, **common)
     return train_loader, sampler, val_loader
