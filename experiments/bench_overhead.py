@@ -10,10 +10,9 @@ first allocations) and the last turn (teardown) are left out; the figure is the 
 over repeats of the ratio of the summed times.
 
 The trainer's built-in datasets hand the loader whole batches, one gather per tensor
-(``trainer.datasets.Tensors``).
-So each model has two rows: against the loop a user writes with a plain per-sample
-DataLoader, and against the same bare loop on the trainer's loader, which leaves only
-the cost of the trainer's own loop.
+(``trainer.datasets.Tensors``). So each model has two rows: against the loop a user
+writes with a plain per-sample DataLoader, and against the same bare loop on gathered
+batches, which leaves only the cost of the trainer's own loop.
 
     python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
@@ -98,9 +97,10 @@ def bare_loop(cfg, baton: Baton, side: int, gather: bool = False) -> None:
     mods = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     model = nn.Sequential(*mods, nn.Linear(dims[-1], cfg.model.kwargs["out_features"]))
     train = datasets.get(cfg.data.name)(**cfg.data.kwargs)["train"]
-    if not gather:  # what a user writes: per-sample __getitem__ and default_collate
-        train = TensorDataset(*train.tensors)
-    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=data.collate)
+    if gather:  # whole batches from Tensors.__getitems__, as the trainer's are
+        loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=data.collate)
+    else:  # what a user writes: a TensorDataset, per-sample __getitem__ and default_collate
+        loader = DataLoader(TensorDataset(*train.tensors), batch_size=cfg.data.batch_size, shuffle=True)
     loss_fn = nn.MSELoss() if cfg.loss.name == "mse" else nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     device = torch.device("cpu")
