@@ -53,6 +53,7 @@ def diffs(pairs: Iterable[tuple[str, str, torch.Tensor, torch.Tensor]], rtol: fl
     pairs = list(pairs)
     out: list[TensorDiff | None] = [None] * len(pairs)
     groups: dict[torch.dtype, list[tuple]] = {torch.float32: [], torch.float64: []}  # by the dtype worked in
+    numel = dict.fromkeys(groups, 0)  # elements in each group so far
     for i, (name, kind, c, n) in enumerate(pairs):
         default = DEFAULT_TOLERANCE.get(n.dtype, DEFAULT_TOLERANCE[torch.float32])
         r, a = default[0] if rtol is None else rtol, default[1] if atol is None else atol
@@ -65,10 +66,12 @@ def diffs(pairs: Iterable[tuple[str, str, torch.Tensor, torch.Tensor]], rtol: fl
         else:
             work = torch.float64 if torch.float64 in (c.dtype, n.dtype) else torch.float32
             group = groups[work]
-            if group and sum(p[1].numel() for p in group) + n.numel() > _GROUP_NUMEL:
+            if group and numel[work] + n.numel() > _GROUP_NUMEL:
                 _diff_group(group, out, work)
                 group.clear()
+                numel[work] = 0
             group.append((i, c, n, TensorDiff(name, kind, False, 0, 0, 0, 0, 0, 0, False, dtype, r, a)))
+            numel[work] += n.numel()
     for work, group in groups.items():
         if group:
             _diff_group(group, out, work)
