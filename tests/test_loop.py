@@ -139,6 +139,18 @@ def test_skip_nonfinite_skips_and_counts(quick):
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+
+def test_skip_nonfinite_still_refuses_to_checkpoint_nonfinite_weights(quick):
+    """A non-finite grad leaves its step's loss finite (nothing to skip) but poisons the weights."""
+    t = Trainer(quick("train.max_steps=10", "train.skip_nonfinite=true", "train.checkpoint_every=2",
+                      "log.every=5"))
+    weight = next(t.model.parameters())
+    weight.register_hook(lambda g: g * float("nan") if t.step == 2 else g)  # during step 3
+    with pytest.raises(NonFiniteLoss, match="the weights are nan"):
+        t.fit()
+    state = torch.load(t.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
 def test_checkpoint_is_plain_and_loads_with_weights_only(quick):
     t = Trainer(quick("model={name: mlp, in_features: 10, out_features: 1, hidden: [8]}", "train.max_epochs=1",
                       "layers.default=custom"))
