@@ -7,6 +7,7 @@ the layer's output anyway, as the next Linear would (trainer.audit.saved_bytes).
 
     python experiments/bench_layers.py                      # every layer at 1e4, 1e5, 1e6 elements
     python experiments/bench_layers.py --sizes 1e7 --layers relu gelu
+    python experiments/bench_layers.py --device cuda        # on a GPU, each timing ends in a synchronize
 """
 from __future__ import annotations
 
@@ -69,19 +70,31 @@ def step(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
     out.backward(torch.ones_like(out))
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seconds(module: nn.Module, inputs, budget: float) -> float:
     """Mean seconds of one forward+backward, over as many calls as fit in ``budget``."""
+    device = inputs[0].device
     step(module, inputs)
+    sync(device)
     calls, start = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - start) < budget or calls < 3:
         step(module, inputs)
         calls += 1
-    return elapsed / calls
+        if calls % 8 == 0:  # a GPU runs behind the Python that queues its work
+            sync(device)
+    sync(device)
+    return (time.perf_counter() - start) / calls
 
 
-def bench(name: str, n: int, rounds: int, budget: float) -> dict:
+def bench(name: str, n: int, rounds: int, budget: float, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     native, inputs = SETUPS[name](n)
+    native = native.to(device)
+    inputs = tuple(t.detach().to(device).requires_grad_(t.requires_grad) for t in inputs)
     custom = layers.swap(copy.deepcopy(native), {name: "custom"})
     assert layers.impl_of(custom) == (name, "custom"), name
     times = {"native": [], "custom": []}
@@ -102,7 +115,11 @@ def main() -> None:
     p.add_argument("--layers", nargs="+", default=list(SETUPS), choices=list(SETUPS), metavar="LAYER")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget", type=float, default=0.05, help="seconds per timing")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device here (leave --device out for the CPU)", file=sys.stderr)
+        sys.exit(2)
     if min(args.sizes) < 1 or args.rounds < 1 or not args.budget > 0:
         print("error: --sizes must be at least 1, --rounds at least 1 and --budget above 0 "
               f"(got {args.sizes}, {args.rounds}, {args.budget})", file=sys.stderr)
@@ -112,7 +129,7 @@ def main() -> None:
     head = "".join(f"{f'{s:.0e} time':>12}{'bytes':>7}" for s in sizes)
     print(f"{'layer':16}{head}   (custom / native; bytes = saved inside a model)")
     for name in args.layers:
-        cells = [bench(name, n, args.rounds, args.budget) for n in sizes]
+        cells = [bench(name, n, args.rounds, args.budget, args.device) for n in sizes]
         print(f"{name:16}" + "".join(f"{c['time_ratio']:11.2f}x{c['bytes_ratio']:6.2f}x" for c in cells), flush=True)
 
 

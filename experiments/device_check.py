@@ -8,23 +8,35 @@
 2. A run interrupted mid-epoch and resumed ends with the same weights, bit for bit, as one never
    interrupted: with dropout on the device, so the device's RNG state must come back.
 3. DDP: `torchrun --nproc_per_node=N -m trainer run` (nccl on CUDA, gloo on CPU) with twins
-   finishes and writes exactly one run directory.
+   finishes and writes exactly one run directory. On one GPU that is a single process, so a
+   further check wraps a twin model in DistributedDataParallel over a one-rank nccl group
+   (NCCL refuses two ranks on one GPU) and compares its gradients with the bare model's.
+4. Every twin on the device: gradcheck/gradgradcheck in float64, parity with native in float32
+   (TF32 off), and under autocast (fp16 on CUDA, bf16 on CPU) the same output and grad dtypes
+   as native and values within that precision's tolerance.
+5. Syncs: a 200-step run with sync debug mode on counts the host-device synchronizations, which
+   should come at the logging cadence (every 50 steps), not every step.
 
 Prints one line per check and exits 1 if any fails.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from trainer import Trainer, load_config
+from trainer import Trainer, layers, load_config
+from trainer.audit import as_function, gradcheck_layers, prepare
 from trainer.loop import Interrupted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +98,98 @@ def check_ddp(logdir: Path, device: str, procs: int) -> tuple[bool, str]:
                f"{len(runs)} run dir(s) {' '.join(tail)}"
 
 
+def check_ddp_one_rank(device: str) -> tuple[bool, str]:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        bare = layers.swap(nn.Sequential(nn.Linear(10, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64),
+                                         nn.SiLU(), nn.Linear(64, 1)), {"default": "custom"}).to(device)
+        ddp = DistributedDataParallel(copy.deepcopy(bare), device_ids=[0] if device == "cuda" else None)
+        x, y = torch.randn(64, 10, device=device), torch.randn(64, 1, device=device)
+        for model in (bare, ddp):
+            nn.functional.mse_loss(model(x), y).backward()
+        worst = max((p.grad - q.grad).abs().max().item() for p, q in zip(bare.parameters(), ddp.parameters()))
+    finally:
+        dist.destroy_process_group()
+    return worst <= 1e-6, f"DDP over a one-rank {backend} group, twins in: grads differ from the bare model by {worst:.2g}"
+
+
+def tolerance(spec: layers.LayerSpec, dtype: torch.dtype) -> dict:
+    """custom-functions.md section 7, per dtype (looser for reductions)."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5) if spec.reduction else dict(rtol=1.3e-6, atol=1e-5)
+    if dtype == torch.float16:
+        return dict(rtol=1e-2, atol=1e-2) if spec.reduction else dict(rtol=1e-3, atol=1e-3)
+    return dict(rtol=5e-2, atol=2e-2) if spec.reduction else dict(rtol=1.6e-2, atol=1e-2)
+
+
+def forward_backward(spec, case, impl, device, low):
+    module, inputs = prepare(spec, case, torch.float32, impl, device=device)
+    fn, args = as_function(module, inputs, seed=1)
+    with torch.autocast(device, dtype=low or torch.float32, enabled=low is not None):
+        out = fn(*args)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device, out.dtype)
+    need = [a for a in args if a.requires_grad]
+    grads = torch.autograd.grad(out, need, g, allow_unused=True) if need and out.requires_grad else ()
+    return [out, *grads]
+
+
+def parity(spec, case, device, low) -> str | None:
+    """None if the twin matches native on this case (dtypes, and values within tolerance), else what differs."""
+    native, custom = (forward_backward(spec, case, impl, device, low) for impl in ("native", "custom"))
+    tol = tolerance(spec, low or torch.float32)
+    for i, (n, c) in enumerate(zip(native, custom)):
+        what = "output" if i == 0 else f"grad {i - 1}"
+        if (n is None) != (c is None) or n is not None and n.dtype != c.dtype:
+            return f"{what}: dtype {getattr(c, 'dtype', None)} vs native {getattr(n, 'dtype', None)}"
+        if n is not None and not torch.allclose(c.float(), n.float(), equal_nan=True, **tol):
+            return f"{what}: max |custom - native| {(c.float() - n.float()).abs().max().item():.3g}"
+    return None if len(native) == len(custom) else f"{len(custom)} grads vs native {len(native)}"
+
+
+def check_twins(device: str) -> tuple[bool, str]:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    low = torch.float16 if device == "cuda" else torch.bfloat16
+    results = gradcheck_layers(device=device)
+    problems = [f"{r.layer}:{r.case} {r.check}: {r.message}" for r in results if not r.ok]
+    cases = [(spec, case) for spec in layers.specs() for case in spec.cases()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # what some cases provoke on purpose (dim=None, ...)
+        for spec, case in cases:
+            for mode in (None, low):
+                problem = parity(spec, case, device, mode)
+                if problem:
+                    problems.append(f"{spec.name}:{case.id} {'float32' if mode is None else mode}: {problem}")
+    for line in problems:
+        print("  " + line)
+    return not problems, (f"twins on {device}: {len(results)} gradchecks, {len(cases)} cases x (float32, {low}) "
+                          f"parity; {len(problems)} problem(s)")
+
+
+def check_syncs(logdir: Path, device: str) -> tuple[bool, str]:
+    if device != "cuda":
+        return True, "syncs: only counted on CUDA"
+    cfg = config(logdir, device, "layers.default=custom", "train.max_steps=200", "train.max_epochs=null",
+                 "data.n_samples=20000", "log.every=50")
+    seen: Counter[str] = Counter()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(cfg).fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            seen[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    total = sum(seen.values())
+    return total < 100, f"syncs in 200 steps (log every 50): {total}, at {dict(seen.most_common(8))}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,12 +204,17 @@ def main() -> int:
     procs = args.procs or (torch.cuda.device_count() if args.device == "cuda" else 2)
     logdir = Path(tempfile.mkdtemp(prefix="device_check_"))
     try:
-        results = [check_precision(logdir, args.device), check_resume(logdir, args.device),
-                   check_ddp(logdir, args.device, procs)]
+        results = []
+        for check in (lambda: check_precision(logdir, args.device), lambda: check_resume(logdir, args.device),
+                      lambda: check_ddp(logdir, args.device, procs), lambda: check_ddp_one_rank(args.device),
+                      lambda: check_twins(args.device), lambda: check_syncs(logdir, args.device)):
+            try:  # one check's crash must not hide the others' results
+                results.append(check())
+            except Exception as e:  # noqa: BLE001
+                results.append((False, f"crashed: {type(e).__name__}: {e}"))
+            print(("ok   " if results[-1][0] else "FAIL ") + results[-1][1], flush=True)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
-    for ok, line in results:
-        print(("ok   " if ok else "FAIL ") + line)
     return 0 if all(ok for ok, _ in results) else 1
 
 

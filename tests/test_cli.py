@@ -95,6 +95,13 @@ def test_gradcheck_passes_builtins_and_fails_a_wrong_user_twin(tmp_path):
     assert "FAIL" in bad.stdout and "cube" in bad.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error given where there is no CUDA device")
+def test_gradcheck_on_cuda_without_a_gpu_is_one_error_line():
+    proc = run_cli("gradcheck", "relu", "--device", "cuda")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: --device: cuda asked for") and proc.stderr.count("\n") == 1, proc.stderr
+
+
 @pytest.mark.slow
 def test_sweep_runs_the_cartesian_product(tmp_path):
     proc = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "train.max_steps=3",

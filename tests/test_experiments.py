@@ -46,13 +46,15 @@ def test_benchmarks_run_and_print_their_ratios():
 
 @pytest.mark.slow
 def test_device_check_passes_on_cpu_and_refuses_a_missing_gpu():
-    """The GPU machine's checks (mixed precision twins, resume with the device RNG, DDP) run here on CPU."""
+    """The GPU machine's checks (mixed precision twins, resume with the device RNG, DDP, every twin) run here on CPU."""
     proc = script("device_check.py", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok   ") == 3, proc.stdout
+    assert proc.stdout.count("ok   ") == 6 and "FAIL" not in proc.stdout, proc.stdout
+    assert " 0 problem(s)" in proc.stdout, proc.stdout
     if not torch.cuda.is_available():
-        proc = script("device_check.py", "--device", "cuda")
-        assert proc.returncode == 2 and proc.stderr.startswith("error: --device cuda"), proc.stderr
+        for name in ("device_check.py", "bench_layers.py"):
+            proc = script(name, "--device", "cuda")
+            assert proc.returncode == 2 and proc.stderr.startswith("error: --device cuda"), proc.stderr
 
 
 @pytest.mark.slow

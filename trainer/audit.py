@@ -25,14 +25,17 @@ class CheckResult:
 
 
 def prepare(spec: LayerSpec, case: Case, dtype: torch.dtype = torch.float64, impl: str = "native",
-            seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The case's module (same weights for every impl, given the seed) and fresh inputs that require grad."""
+            seed: int = 0, device: torch.device | str = "cpu") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """The case's module (same weights for every impl, given the seed) and fresh inputs that require grad.
+
+    Weights and inputs are drawn on the CPU and then moved, so every device sees the same values.
+    """
     torch.manual_seed(seed)
-    module = case.module().to(dtype).train(case.train)
+    module = case.module().to(dtype).train(case.train).to(device)
     layers.swap(module, {spec.name: impl})
     gen = torch.Generator().manual_seed(seed)
     inputs = tuple(
-        t.to(dtype).requires_grad_() if t.is_floating_point() else t for t in case.inputs(gen)
+        t.to(device, dtype).requires_grad_() if t.is_floating_point() else t.to(device) for t in case.inputs(gen)
     )
     return module, inputs
 
@@ -45,6 +48,7 @@ def as_function(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int =
     every time and finite differences mean something.
     """
     diff = [i for i, t in enumerate(inputs) if t.is_floating_point() and t.requires_grad]
+    device = inputs[0].device
     names = [n for n, p in module.named_parameters() if p.requires_grad]
 
     def fn(*args: torch.Tensor) -> torch.Tensor:
@@ -55,15 +59,15 @@ def as_function(module: nn.Module, inputs: tuple[torch.Tensor, ...], seed: int =
         # fresh buffers each call: running statistics must not drift between calls, nor be
         # mutated in place under torch.func transforms (which forbid it)
         params.update({n: b.clone() for n, b in module.named_buffers()})
-        with torch.random.fork_rng(devices=[]):
-            reseed("cpu", seed)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            reseed(device, seed)
             return torch.func.functional_call(module, params, tuple(xs))
 
     args = tuple(inputs[i] for i in diff) + tuple(dict(module.named_parameters())[n] for n in names)
     return fn, args
 
 
-def gradcheck_case(spec: LayerSpec, case: Case) -> list[CheckResult]:
+def gradcheck_case(spec: LayerSpec, case: Case, device: torch.device | str = "cpu") -> list[CheckResult]:
     """``gradcheck`` and ``gradgradcheck`` (contiguous and non-contiguous grad_outputs) in float64.
 
     gradcheck compares every Jacobian entry (slow mode) up to 64 input elements and random
@@ -72,7 +76,7 @@ def gradcheck_case(spec: LayerSpec, case: Case) -> list[CheckResult]:
     when its Function defines ``jvp``. A twin declared once-differentiable must instead raise
     on double backward. Warnings the cases provoke on purpose (``dim=None``) are silenced.
     """
-    module, inputs = prepare(spec, case, torch.float64, "custom")
+    module, inputs = prepare(spec, case, torch.float64, "custom", device=device)
     fn, args = as_function(module, inputs)
     fast = sum(a.numel() for a in args) > 64
     forward_ad = "jvp" in vars(type(module).function)
@@ -113,10 +117,11 @@ def _double_backward_raises(fn: Callable[..., torch.Tensor], args: tuple[torch.T
     raise AssertionError("declared once-differentiable, but double backward did not raise")
 
 
-def gradcheck_layers(names: list[str] | None = None) -> list[CheckResult]:
-    """gradcheck every case of the named layers (all of them by default)."""
+def gradcheck_layers(names: list[str] | None = None, device: torch.device | str = "cpu") -> list[CheckResult]:
+    """gradcheck every case of the named layers (all of them by default), on ``device``."""
     specs = [layers.get(n) for n in names] if names else layers.specs()
-    return [r for spec in specs for case in spec.cases() if case.gradcheck for r in gradcheck_case(spec, case)]
+    return [r for spec in specs for case in spec.cases() if case.gradcheck
+            for r in gradcheck_case(spec, case, device)]
 
 
 def backward_node_names(output: torch.Tensor) -> set[str]:

@@ -142,10 +142,15 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     from trainer import layers
     from trainer.audit import gradcheck_layers
 
+    import torch
+
     import_user_modules(args)
     for name in args.layers:
         layers.get(name, "LAYER")
-    results = gradcheck_layers(args.layers or None)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda asked for, but this machine has no CUDA device",
+                          suggestion="leave --device out to check on the CPU")
+    results = gradcheck_layers(args.layers or None, args.device)
     rows = [[r.layer, r.case, r.check, "ok" if r.ok else "FAIL", f"{r.seconds * 1000:.0f} ms", r.message]
             for r in results]
     print(table(rows, ["layer", "case", "check", "result", "time", "detail"]))
@@ -183,6 +188,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     gc = sub.add_parser("gradcheck", help="gradcheck/gradgradcheck (float64) of the custom twins")
     gc.add_argument("layers", nargs="*", metavar="LAYER", help="layer names (default: all)")
     gc.add_argument("--imports", nargs="+", default=[], metavar="MODULE", help="modules that register layers")
+    gc.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the checks run (cuda checks the twins' formulas on CUDA kernels)")
     gc.set_defaults(fn=cmd_gradcheck)
     return p, sub.choices
 
