@@ -14,8 +14,11 @@
 4. Every twin on the device: gradcheck/gradgradcheck in float64, parity with native in float32
    (TF32 off), and under autocast (fp16 on CUDA, bf16 on CPU) the same output and grad dtypes
    as native and values within that precision's tolerance.
-5. Syncs: a 200-step run with sync debug mode on counts the host-device synchronizations, which
-   should come at the logging cadence (every 50 steps), not every step.
+5. `trainer compare` on the device, dropout in the model: one batch, and 20 steps in lockstep,
+   find native and custom in agreement (both draw the same dropout masks from one seed).
+6. Syncs: a 200-step run with twins and sync debug mode on counts the host-device
+   synchronizations by where they happen; none may happen every step (they belong to the
+   logging cadence, every 50 steps, to validation and to checkpoints).
 
 Prints one line per check and exits 1 if any fails.
 """
@@ -170,6 +173,15 @@ def check_twins(device: str) -> tuple[bool, str]:
                           f"parity; {len(problems)} problem(s)")
 
 
+def check_compare(logdir: Path, device: str) -> tuple[bool, str]:
+    from trainer.compare import compare_config
+    from trainer.shadow import lockstep
+
+    report, _ = compare_config(config(logdir, device))
+    steps_ok, _ = lockstep(config(logdir, device), 20)
+    return report.ok and steps_ok, f"compare on {device} with dropout: one batch ok {report.ok}, 20 lockstep steps ok {steps_ok}"
+
+
 def check_syncs(logdir: Path, device: str) -> tuple[bool, str]:
     if device != "cuda":
         return True, "syncs: only counted on CUDA"
@@ -187,7 +199,8 @@ def check_syncs(logdir: Path, device: str) -> tuple[bool, str]:
         if "synchroniz" in str(w.message):
             seen[f"{Path(w.filename).name}:{w.lineno}"] += 1
     total = sum(seen.values())
-    return total < 100, f"syncs in 200 steps (log every 50): {total}, at {dict(seen.most_common(8))}"
+    busiest = max(seen.values(), default=0)  # a place that syncs every step shows up 200 times or more
+    return busiest < 200, f"syncs in 200 steps (log every 50): {total}, at {dict(seen.most_common(8))}"
 
 
 def main() -> int:
@@ -207,7 +220,8 @@ def main() -> int:
         results = []
         for check in (lambda: check_precision(logdir, args.device), lambda: check_resume(logdir, args.device),
                       lambda: check_ddp(logdir, args.device, procs), lambda: check_ddp_one_rank(args.device),
-                      lambda: check_twins(args.device), lambda: check_syncs(logdir, args.device)):
+                      lambda: check_twins(args.device), lambda: check_compare(logdir, args.device),
+                      lambda: check_syncs(logdir, args.device)):
             try:  # one check's crash must not hide the others' results
                 results.append(check())
             except Exception as e:  # noqa: BLE001

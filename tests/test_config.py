@@ -21,6 +21,12 @@ def test_overrides_are_yaml_scalars_and_defaults_are_filled():
     assert cfg.data.batch_size == 32 and cfg.data.kwargs["n_samples"] == 1024
 
 
+@pytest.mark.parametrize("written,kept", [("16", "16"), ("32", "32"), ("bf16", "bf16"), ("'16'", "16")])
+def test_precision_may_be_written_as_a_number(written, kept):
+    """YAML reads ``precision: 16`` as an int; the config keeps every precision as the string DESIGN.md names."""
+    assert load_config(QUICKSTART, [f"train.precision={written}"]).train.precision == kept
+
+
 def test_resolved_yaml_round_trips():
     cfg = load_config(QUICKSTART, ["model.name=mlp", "model.hidden=[8, 8]", "model.activation=gelu"])
     again = load_config(yaml.safe_load(cfg.to_yaml()))
@@ -73,6 +79,10 @@ BAD = [
      "no_such_module_xyz"),
     ("negative-lr", lambda t: ["run", str(QUICKSTART), "optimizer.lr=-0.1"], "optimizer.lr", "positive"),
     ("zero-batch", lambda t: ["run", str(QUICKSTART), "data.batch_size=0"], "data.batch_size", "at least 1"),
+    ("fp16-on-cpu", lambda t: ["run", str(QUICKSTART), "train.precision=16", "train.device=cpu"], "train.precision",
+     "use precision: bf16 on CPU"),
+    ("unknown-precision", lambda t: ["run", str(QUICKSTART), "train.precision=8"], "train.precision",
+     "valid: 16, 32, bf16"),
     ("no-limit", lambda t: ["run", str(QUICKSTART), "train.max_epochs=null"], "train.max_steps", "set one"),
     ("missing-section", lambda t: ["run", write(t, "model: {name: linear}\n")], "loss", "missing section"),
     ("missing-data-file", lambda t: ["run", str(QUICKSTART), "data={name: tensor_file, path: nope.csv, target: y}"],

@@ -49,7 +49,7 @@ def test_device_check_passes_on_cpu_and_refuses_a_missing_gpu():
     """The GPU machine's checks (mixed precision twins, resume with the device RNG, DDP, every twin) run here on CPU."""
     proc = script("device_check.py", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok   ") == 6 and "FAIL" not in proc.stdout, proc.stdout
+    assert proc.stdout.count("ok   ") == 7 and "FAIL" not in proc.stdout, proc.stdout
     assert " 0 problem(s)" in proc.stdout, proc.stdout
     if not torch.cuda.is_available():
         for name in ("device_check.py", "bench_layers.py"):

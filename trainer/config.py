@@ -60,7 +60,7 @@ class TrainConfig:
     accumulate: int = 1                 # micro-batches per optimizer step (gradient accumulation)
     clip_grad_norm: float | None = None  # clip the total grad norm to this (null: no clipping)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
-    precision: str = "32"               # 32 | bf16 | 16 (16 needs CUDA: autocast + GradScaler)
+    precision: str | int = "32"         # 32 | bf16 | 16 (16 needs CUDA: autocast + GradScaler); kept as a str
     compile: bool = False               # torch.compile the model (twins included)
     val_every: int | None = None        # validate every N steps (null: at the end of each epoch)
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch end and at the end)

@@ -317,7 +317,7 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         classes = False
         for x, y in self.val_loader:
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.model(x)
                 loss = self.loss_fn(out, y)

@@ -63,17 +63,24 @@ class _Consts:
 
     An arithmetic op given a Python number wraps it in a fresh 0-dim tensor on every call
     (~2.5 µs, as much as the op itself on 1e4 elements); a 0-dim CPU tensor is taken as a
-    scalar operand as it is. Those for float32 and float64 on CPU are made once, here; other
-    devices get theirs made at each call.
+    scalar operand as it is. Those for float32 and float64 on CPU are made once, here; those
+    for another dtype or device on first use, then kept: made at every call on a GPU, each
+    would be a host-to-device copy that waits for the device, a sync per constant per call.
+    Nothing made while compiling or under a fake-tensor mode is kept.
     """
 
     def __init__(self, make):
         self.make = make
         self.cpu = {dt: tuple(torch.tensor(v, dtype=dt) for v in make(dt)) for dt in (torch.float32, torch.float64)}
+        self.kept: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = {}
 
     def of(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        k = self.cpu.get(t.dtype) if t.is_cpu else None
-        return k if k is not None else tuple(torch.tensor(v, dtype=t.dtype, device=t.device) for v in self.make(t.dtype))
+        k = self.cpu.get(t.dtype) if t.is_cpu else self.kept.get((t.dtype, t.device))
+        if k is None:
+            k = tuple(torch.tensor(v, dtype=t.dtype, device=t.device) for v in self.make(t.dtype))
+            if not torch.compiler.is_compiling() and all(type(c) is torch.Tensor for c in k):
+                self.kept[(t.dtype, t.device)] = k
+        return k
 
 
 _NONE = _Consts(lambda dt: ())

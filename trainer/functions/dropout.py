@@ -5,6 +5,12 @@ tensor shaped like x: the draws do not depend on that tensor's dtype), so one se
 gives one mask and the same next draw in both implementations; it is kept as a bool
 tensor, 1 byte per element, where native keeps a float mask of x's dtype. Outputs and
 grads equal native's bit for bit, in every dtype.
+
+On CUDA native dropout is one fused kernel (``torch.native_dropout``) whose Philox draws
+depend on how it splits the tensor among threads, which no sequence of tensor ops
+reproduces. There the twin takes the mask, and the product, from that kernel, so one seed
+still gives one mask in both implementations (``trainer compare`` and shadow mode rely on
+that). The saving (the bool mask) and the backward are the twin's own on every device.
 """
 from __future__ import annotations
 
@@ -54,6 +60,8 @@ class DropoutFunction(torch.autograd.Function):
             return x, None
         if p == 1:
             return x * 0, None
+        if x.is_cuda:  # native's own draw: see the module docstring
+            return torch.native_dropout(x, p, True)
         mask = dropout_mask(x, p)
         return x.mul(mask).mul_(dropout_scale(p, x)), mask
 
