@@ -4,6 +4,7 @@ Both are compiled once (warm-up not timed), then timed interleaved, one thread: 
 loss, backward and an SGD step on the same batch. Reports each one's compile time too.
 
     python experiments/bench_compile.py
+    python experiments/bench_compile.py --device cuda --batch 4096    # each timing ends in a synchronize
 """
 from __future__ import annotations
 
@@ -42,10 +43,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.exit(2, "error: --device cuda: no CUDA device here (leave --device out for the CPU)\n")
     torch.set_num_threads(1)
-    x, y = torch.randn(args.batch, 256), torch.randint(0, 10, (args.batch,))
-    native = model()
+    x, y = torch.randn(args.batch, 256, device=args.device), torch.randint(0, 10, (args.batch,), device=args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
+    native = model().to(args.device)
     custom = layers.swap(copy.deepcopy(native), {"default": "custom"})
     steps, compile_s = {}, {}
     for name, net in (("native", native), ("custom", custom)):
@@ -53,6 +58,7 @@ def main() -> None:
         start = time.perf_counter()
         steps[name](x, y)
         steps[name](x, y)
+        sync()
         compile_s[name] = time.perf_counter() - start
     times = {"native": [], "custom": []}
     for _ in range(args.rounds):
@@ -60,9 +66,11 @@ def main() -> None:
             start = time.perf_counter()
             for _ in range(args.steps):
                 steps[name](x, y)
+            sync()
             times[name].append((time.perf_counter() - start) / args.steps)
     ratio = statistics.median(c / n for c, n in zip(times["custom"], times["native"]))
-    print(f"compiled MLP 256-512-512-10 (layer_norm, gelu, silu, dropout, cross_entropy), batch {args.batch}")
+    print(f"compiled MLP 256-512-512-10 (layer_norm, gelu, silu, dropout, cross_entropy), batch {args.batch}, "
+          f"{args.device}")
     for name in times:
         print(f"{name:7} {statistics.median(times[name]) * 1e3:8.3f} ms/step   first two steps (compile) "
               f"{compile_s[name]:6.1f} s")
