@@ -1,10 +1,11 @@
 """A torch.compile'd model with every twin swapped in against the same model compiled native, per training step.
 
-Both are compiled once (warm-up not timed), then timed interleaved, one thread: forward,
-loss, backward and an SGD step on the same batch. Reports each one's compile time too.
+All models are compiled once (warm-up not timed), then timed interleaved, one thread: forward,
+loss, backward and an SGD step on the same batch. Reports each one's compile time too. With
+``--each``, also one model per layer with only that layer's twin in, to find which one costs.
 
     python experiments/bench_compile.py
-    python experiments/bench_compile.py --device cuda --batch 4096    # each timing ends in a synchronize
+    python experiments/bench_compile.py --device cuda --batch 4096 --each   # timings end in a synchronize
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from torch import nn
 
 from trainer import layers
 
+LAYERS = ["linear", "layer_norm", "gelu", "silu", "dropout", "cross_entropy"]
+
 
 def model() -> nn.Module:
     torch.manual_seed(0)
@@ -25,9 +28,10 @@ def model() -> nn.Module:
                          nn.Dropout(0.1), nn.Linear(512, 10))
 
 
-def step_fn(net: nn.Module):
-    loss_fn = nn.CrossEntropyLoss()
-    layers.swap(loss_fn, {"default": layers.impl_of(net[0])[1]})
+def step_fn(mapping: dict[str, str], device: str):
+    """A compiled training step of the model swapped by ``mapping`` (the loss, uncompiled, swapped alike)."""
+    net = layers.swap(model().to(device), mapping)
+    loss_fn = layers.swap(nn.CrossEntropyLoss(), mapping)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     compiled = torch.compile(net)
 
@@ -44,23 +48,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--each", action="store_true", help="also each layer's twin alone")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.exit(2, "error: --device cuda: no CUDA device here (leave --device out for the CPU)\n")
     torch.set_num_threads(1)
     x, y = torch.randn(args.batch, 256, device=args.device), torch.randint(0, 10, (args.batch,), device=args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else lambda: None
-    native = model().to(args.device)
-    custom = layers.swap(copy.deepcopy(native), {"default": "custom"})
+    mappings = {"native": {"default": "native"}, "custom": {"default": "custom"}}
+    if args.each:
+        mappings.update({f"{name} only": {"default": "native", name: "custom"} for name in LAYERS})
     steps, compile_s = {}, {}
-    for name, net in (("native", native), ("custom", custom)):
-        steps[name] = step_fn(net)
+    for name, mapping in mappings.items():
+        steps[name] = step_fn(mapping, args.device)
         start = time.perf_counter()
         steps[name](x, y)
         steps[name](x, y)
         sync()
         compile_s[name] = time.perf_counter() - start
-    times = {"native": [], "custom": []}
+    times = {name: [] for name in mappings}
     for _ in range(args.rounds):
         for name in times:
             start = time.perf_counter()
@@ -68,12 +74,13 @@ def main() -> None:
                 steps[name](x, y)
             sync()
             times[name].append((time.perf_counter() - start) / args.steps)
-    ratio = statistics.median(c / n for c, n in zip(times["custom"], times["native"]))
     print(f"compiled MLP 256-512-512-10 (layer_norm, gelu, silu, dropout, cross_entropy), batch {args.batch}, "
           f"{args.device}")
     for name in times:
-        print(f"{name:7} {statistics.median(times[name]) * 1e3:8.3f} ms/step   first two steps (compile) "
-              f"{compile_s[name]:6.1f} s")
+        ratio = statistics.median(t / n for t, n in zip(times[name], times["native"]))
+        print(f"{name:20} {statistics.median(times[name]) * 1e3:8.3f} ms/step  {ratio:6.3f}x   "
+              f"first two steps (compile) {compile_s[name]:6.1f} s")
+    ratio = statistics.median(c / n for c, n in zip(times["custom"], times["native"]))
     print(f"custom / native: {ratio:.3f}x")
 
 

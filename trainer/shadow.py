@@ -142,9 +142,9 @@ def lockstep(cfg, steps: int) -> tuple[bool, object]:
     ok = True
     try:
         for step, group in enumerate(islice(_groups(native), steps), start=1):
-            rng = torch.get_rng_state()
+            rng = checkpoint.rng_state()  # the CPU's generator and, on a GPU, the device's
             loss_n = native.train_step(group)
-            torch.set_rng_state(rng)  # the same dropout masks in both
+            checkpoint.set_rng_state(rng)  # the same dropout masks in both
             loss_c = custom.train_step(group)
             pn = torch.cat([p.detach().flatten() for p in native.model.parameters()])
             pc = torch.cat([p.detach().flatten() for p in custom.model.parameters()])
