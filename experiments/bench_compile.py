@@ -1,4 +1,4 @@
-"""A torch.compile'd model with every twin swapped in against the same model compiled native, per training step.
+"""A torch.compile'd model and loss with every twin swapped in against the same model compiled native, per training step.
 
 All models are compiled once (warm-up not timed), then timed interleaved, one thread: forward,
 loss, backward and an SGD step on the same batch. Reports each one's compile time too. With
@@ -29,9 +29,9 @@ def model() -> nn.Module:
 
 
 def step_fn(mapping: dict[str, str], device: str):
-    """A compiled training step of the model swapped by ``mapping`` (the loss, uncompiled, swapped alike)."""
+    """A training step of the model and loss swapped by ``mapping``, both compiled (as ``train.compile`` does)."""
     net = layers.swap(model().to(device), mapping)
-    loss_fn = layers.swap(nn.CrossEntropyLoss(), mapping)
+    loss_fn = torch.compile(layers.swap(nn.CrossEntropyLoss(), mapping))
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     compiled = torch.compile(net)
 

@@ -34,10 +34,16 @@ def test_bf16_autocast_trains_with_twins_like_native(quick):
 
 
 @pytest.mark.slow
-def test_compiled_run_follows_the_eager_loss_curve(quick):
+@pytest.mark.parametrize("task", [[MODEL], ["model={name: mlp, in_features: 10, out_features: 3, hidden: [32], "
+                                            "activation: silu}", "data={name: classification, n_features: 10, "
+                                            "n_classes: 3}", "loss={name: cross_entropy, label_smoothing: 0.1}"]],
+                         ids=["mse", "cross_entropy"])
+def test_compiled_run_follows_the_eager_loss_curve(quick, task):
     curves = {}
     for compiled in (False, True):
-        result = Trainer(quick(MODEL, "layers.default=custom", f"train.compile={str(compiled).lower()}",
-                               "train.max_steps=20", "train.max_epochs=null", "log.every=2")).fit()
-        curves[compiled] = losses(result.run_dir)
+        trainer = Trainer(quick(*task, "layers.default=custom", f"train.compile={str(compiled).lower()}",
+                                "train.max_steps=20", "train.max_epochs=null", "log.every=2"))
+        curves[compiled] = losses(trainer.fit().run_dir)
+        # the model and the loss (a twin) are both compiled
+        assert [type(m).__name__ == "OptimizedModule" for m in (trainer.net, trainer.criterion)] == [compiled] * 2
     torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-5, atol=1e-5)

@@ -120,6 +120,8 @@ class Trainer:
         check_fit(self.model, self.loss_fn, train_set, self.device)
         self.ddp = distributed.wrap(self.model, self.env)
         self.net = torch.compile(self.ddp) if t.compile else self.ddp
+        # the loss too: a twin loss is a dozen small ops that inductor fuses into a kernel or two
+        self.criterion = torch.compile(self.loss_fn) if t.compile else self.loss_fn
         self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol) \
             if cfg.compare.every else None
         if self.shadow is not None and not self.shadow.modules:
@@ -155,7 +157,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.no_sync() if i < k - 1 else NULL:  # under DDP, all-reduce on the last micro-batch only
                 with self.autocast:
-                    loss = self.loss_fn(self.net(x), y)
+                    loss = self.criterion(self.net(x), y)
                 # the mean of K equal micro-batch means is the mean of one K-times-larger batch
                 self.scaler.scale(loss / k if k > 1 else loss).backward()
             losses.append(loss.detach())
@@ -320,7 +322,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.model(x)
-                loss = self.loss_fn(out, y)
+                loss = self.criterion(out, y)
             totals[0] += loss.double() * len(x)
             totals[2] += len(x)
             if out.dim() >= 2 and out.shape[1] > 1 and not y.is_floating_point():
