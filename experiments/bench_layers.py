@@ -1,13 +1,15 @@
 """Each twin against its native layer: forward+backward time and saved bytes inside a model, as ratios.
 
-Native and custom run interleaved (native, custom, native, ...) on the same input, one thread,
-so machine noise hits both alike; a ratio is the median over rounds of custom/native time.
+Native and custom calls alternate (native, custom, native, ...) on the same input, one thread,
+each timed on its own, so machine noise hits both alike; a ratio is the median over rounds of
+custom/native time.
 Saved bytes are the distinct storages autograd keeps for pre -> layer -> post, where post keeps
 the layer's output anyway, as the next Linear would (trainer.audit.saved_bytes).
 
     python experiments/bench_layers.py                      # every layer at 1e4, 1e5, 1e6 elements
     python experiments/bench_layers.py --sizes 1e7 --layers relu gelu
-    python experiments/bench_layers.py --device cuda        # on a GPU, each timing ends in a synchronize
+    python experiments/bench_layers.py --device cuda        # on a GPU, each call ends in a synchronize
+    python experiments/bench_layers.py --aa                 # native against itself: the noise floor
 """
 from __future__ import annotations
 
@@ -75,36 +77,38 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds(module: nn.Module, inputs, budget: float) -> float:
-    """Mean seconds of one forward+backward, over as many calls as fit in ``budget``."""
+def seconds(native: nn.Module, custom: nn.Module, inputs, budget: float) -> tuple[float, float]:
+    """Mean seconds of one forward+backward of each module, calls alternating (native, custom, ...).
+
+    Each call is timed on its own and summed per side, so a slow spell of the machine falls on
+    both alike; the calls go on until each side has run for about ``budget`` seconds.
+    """
     device = inputs[0].device
-    step(module, inputs)
-    sync(device)
-    calls, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < budget or calls < 3:
+    totals, calls = [0.0, 0.0], 0
+    for module in (native, custom):  # warm-up
         step(module, inputs)
-        calls += 1
-        if calls % 8 == 0:  # a GPU runs behind the Python that queues its work
+    while min(totals) < budget or calls < 3:
+        for i, module in enumerate((native, custom)):
             sync(device)
-    sync(device)
-    return (time.perf_counter() - start) / calls
+            start = time.perf_counter()
+            step(module, inputs)
+            sync(device)  # a GPU runs behind the Python that queues its work
+            totals[i] += time.perf_counter() - start
+        calls += 1
+    return totals[0] / calls, totals[1] / calls
 
 
-def bench(name: str, n: int, rounds: int, budget: float, device: str = "cpu") -> dict:
+def bench(name: str, n: int, rounds: int, budget: float, device: str = "cpu", aa: bool = False) -> dict:
     torch.manual_seed(0)
     native, inputs = SETUPS[name](n)
     native = native.to(device)
     inputs = tuple(t.detach().to(device).requires_grad_(t.requires_grad) for t in inputs)
-    custom = layers.swap(copy.deepcopy(native), {name: "custom"})
-    assert layers.impl_of(custom) == (name, "custom"), name
-    times = {"native": [], "custom": []}
-    for _ in range(rounds):
-        for impl, module in (("native", native), ("custom", custom)):
-            torch.manual_seed(1)
-            times[impl].append(seconds(module, inputs, budget))
-    ratios = [c / nat for c, nat in zip(times["custom"], times["native"])]
+    custom = copy.deepcopy(native) if aa else layers.swap(copy.deepcopy(native), {name: "custom"})
+    assert layers.impl_of(custom) == (name, "native" if aa else "custom"), name
+    times = [seconds(native, custom, inputs, budget) for _ in range(rounds)]
+    ratios = [c / nat for nat, c in times]
     return {"layer": name, "n": sum(t.numel() for t in inputs[:1]),
-            "native_us": statistics.median(times["native"]) * 1e6,
+            "native_us": statistics.median(nat for nat, _ in times) * 1e6,
             "time_ratio": statistics.median(ratios),
             "bytes_ratio": saved_bytes(custom, inputs) / max(1, saved_bytes(native, inputs))}
 
@@ -116,6 +120,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--budget", type=float, default=0.05, help="seconds per timing")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--aa", action="store_true", help="native against a copy of itself: the method's noise floor")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda: no CUDA device here (leave --device out for the CPU)", file=sys.stderr)
@@ -127,9 +132,10 @@ def main() -> None:
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes]
     head = "".join(f"{f'{s:.0e} time':>12}{'bytes':>7}" for s in sizes)
-    print(f"{'layer':16}{head}   (custom / native; bytes = saved inside a model)")
+    what = "native / a copy of native" if args.aa else "custom / native"
+    print(f"{'layer':16}{head}   ({what}; bytes = saved inside a model)")
     for name in args.layers:
-        cells = [bench(name, n, args.rounds, args.budget, args.device) for n in sizes]
+        cells = [bench(name, n, args.rounds, args.budget, args.device, args.aa) for n in sizes]
         print(f"{name:16}" + "".join(f"{c['time_ratio']:11.2f}x{c['bytes_ratio']:6.2f}x" for c in cells), flush=True)
 
 
