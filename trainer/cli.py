@@ -139,10 +139,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
+    import torch
+
     from trainer import layers
     from trainer.audit import gradcheck_layers
-
-    import torch
 
     import_user_modules(args)
     for name in args.layers:

@@ -61,7 +61,7 @@ class TrainConfig:
     clip_grad_norm: float | None = None  # clip the total grad norm to this (null: no clipping)
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     precision: str | int = "32"         # 32 | bf16 | 16 (16 needs CUDA: autocast + GradScaler); kept as a str
-    compile: bool = False               # torch.compile the model (twins included)
+    compile: bool = False               # torch.compile the model and the loss (twins included)
     val_every: int | None = None        # validate every N steps (null: at the end of each epoch)
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch end and at the end)
     keep_checkpoints: int = 3           # newest step_<N>.pt files kept (last.pt and best.pt are links to them)

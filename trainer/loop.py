@@ -121,7 +121,7 @@ class Trainer:
         self.ddp = distributed.wrap(self.model, self.env)
         self.net = torch.compile(self.ddp) if t.compile else self.ddp
         # the loss too: a twin loss is a dozen small ops that inductor fuses into a kernel or two
-        self.criterion = torch.compile(self.loss_fn) if t.compile else self.loss_fn
+        self.compiled_loss = torch.compile(self.loss_fn) if t.compile else None
         self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol) \
             if cfg.compare.every else None
         if self.shadow is not None and not self.shadow.modules:
@@ -153,11 +153,12 @@ class Trainer:
         """One optimizer step over ``batches`` (K accumulated micro-batches); returns the detached mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         k, losses = len(batches), []
+        loss_fn = self.loss_fn if self.compiled_loss is None else self.compiled_loss
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.no_sync() if i < k - 1 else NULL:  # under DDP, all-reduce on the last micro-batch only
                 with self.autocast:
-                    loss = self.criterion(self.net(x), y)
+                    loss = loss_fn(self.net(x), y)
                 # the mean of K equal micro-batch means is the mean of one K-times-larger batch
                 self.scaler.scale(loss / k if k > 1 else loss).backward()
             losses.append(loss.detach())
@@ -322,7 +323,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.model(x)
-                loss = self.criterion(out, y)
+                loss = self.loss_fn(out, y)
             totals[0] += loss.double() * len(x)
             totals[2] += len(x)
             if out.dim() >= 2 and out.shape[1] > 1 and not y.is_floating_point():

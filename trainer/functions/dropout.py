@@ -3,8 +3,8 @@
 The mask is drawn exactly as native CPU dropout draws it (``bernoulli_(1 - p)`` on a
 tensor shaped like x: the draws do not depend on that tensor's dtype), so one seed
 gives one mask and the same next draw in both implementations; it is kept as a bool
-tensor, 1 byte per element, where native keeps a float mask of x's dtype. Outputs and
-grads equal native's bit for bit, in every dtype.
+tensor, 1 byte per element, where native keeps a float mask of x's dtype. On the CPU,
+outputs and grads equal native's bit for bit, in every dtype.
 
 On CUDA native dropout is one fused kernel (``torch.native_dropout``) whose Philox draws
 depend on how it splits the tensor among threads, which no sequence of tensor ops
