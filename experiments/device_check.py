@@ -30,6 +30,7 @@ import argparse
 import copy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,10 @@ def check_ddp_one_rank(device: str) -> tuple[bool, str]:
     from torch.nn.parallel import DistributedDataParallel
 
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="tcp://127.0.0.1:29531", rank=0, world_size=1)
+    with socket.socket() as s:  # a free port for the group's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         bare = layers.swap(nn.Sequential(nn.Linear(10, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 64),
