@@ -150,3 +150,13 @@ def test_gelu_blockwise_backward_matches_native(monkeypatch, dtype):
     twin = forward_backward(custom("gelu", nn.GELU), x, g)
     for c, n in zip(twin, native):
         torch.testing.assert_close(c, n, equal_nan=True)
+
+
+def test_constants_off_the_cpu_are_made_once_per_dtype_and_device():
+    """On a GPU each new constant is a host-to-device copy that syncs; they are kept (meta stands in here)."""
+    from trainer.functions import activations
+
+    t = torch.empty(3, device="meta")
+    first, again = activations._GELU.of(t), activations._GELU.of(t)
+    assert first is again and all(c.device.type == "meta" for c in first)
+    assert activations._GELU.of(t.double()) is not first  # another dtype gets its own
