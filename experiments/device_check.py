@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from trainer import Trainer, layers, load_config
-from trainer.audit import as_function, gradcheck_layers, prepare
+from trainer.audit import as_function, gradcheck_layers, prepare, tolerance
 from trainer.loop import Interrupted
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,15 +125,6 @@ def check_ddp_one_rank(device: str) -> tuple[bool, str]:
     finally:
         dist.destroy_process_group()
     return worst <= 1e-6, f"DDP over a one-rank {backend} group, twins in: grads differ from the bare model by {worst:.2g}"
-
-
-def tolerance(spec: layers.LayerSpec, dtype: torch.dtype) -> dict:
-    """custom-functions.md section 7, per dtype (looser for reductions)."""
-    if dtype == torch.float32:
-        return dict(rtol=1e-5, atol=1e-5) if spec.reduction else dict(rtol=1.3e-6, atol=1e-5)
-    if dtype == torch.float16:
-        return dict(rtol=1e-2, atol=1e-2) if spec.reduction else dict(rtol=1e-3, atol=1e-3)
-    return dict(rtol=5e-2, atol=2e-2) if spec.reduction else dict(rtol=1.6e-2, atol=1e-2)
 
 
 def forward_backward(spec, case, impl, device, low):

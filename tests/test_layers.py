@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from trainer import layers
-from trainer.audit import as_function, backward_node_names, gradcheck_case, prepare, saved_bytes_in_model
+from trainer.audit import (as_function, backward_node_names, gradcheck_case, prepare, saved_bytes_in_model,
+                           tolerance)
 
 CASES = [(spec, case) for spec in layers.specs() for case in spec.cases()]
 IDS = [f"{spec.name}:{case.id}" for spec, case in CASES]
@@ -13,15 +14,6 @@ GRADCHECK = [(s, c) for s, c in CASES if c.gradcheck]
 GRADCHECK_IDS = [f"{s.name}:{c.id}" for s, c in GRADCHECK]
 FIRST = [(s, next(c for c in s.cases() if c.gradcheck)) for s in layers.specs() if any(c.gradcheck for c in s.cases())]
 FIRST_IDS = [f"{s.name}:{c.id}" for s, c in FIRST]  # one case per layer, for checks that cost a compile
-
-
-def tolerance(spec, dtype) -> dict:
-    """custom-functions.md section 7: assert_close defaults, looser for reductions."""
-    if dtype == torch.float64:
-        return dict(rtol=1e-7, atol=1e-7) if not spec.reduction else dict(rtol=1e-6, atol=1e-6)
-    if dtype == torch.float32:
-        return dict(rtol=1.3e-6, atol=1e-5) if not spec.reduction else dict(rtol=1e-5, atol=1e-5)
-    return dict(rtol=1.6e-2, atol=1e-2) if not spec.reduction else dict(rtol=5e-2, atol=2e-2)
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,18 @@ class CheckResult:
     message: str = ""
 
 
+def tolerance(spec: LayerSpec, dtype: torch.dtype) -> dict[str, float]:
+    """``assert_close`` tolerances of a twin against native in ``dtype`` (custom-functions.md section 7),
+    looser for reductions (``spec.reduction``); bfloat16 for any other dtype."""
+    if dtype == torch.float64:
+        return dict(rtol=1e-6, atol=1e-6) if spec.reduction else dict(rtol=1e-7, atol=1e-7)
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-5) if spec.reduction else dict(rtol=1.3e-6, atol=1e-5)
+    if dtype == torch.float16:
+        return dict(rtol=1e-2, atol=1e-2) if spec.reduction else dict(rtol=1e-3, atol=1e-3)
+    return dict(rtol=5e-2, atol=2e-2) if spec.reduction else dict(rtol=1.6e-2, atol=1e-2)
+
+
 def prepare(spec: LayerSpec, case: Case, dtype: torch.dtype = torch.float64, impl: str = "native",
             seed: int = 0, device: torch.device | str = "cpu") -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The case's module (same weights for every impl, given the seed) and fresh inputs that require grad.
