@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer import layers
-from trainer.functions.dense import Conv2dFunction, LinearFunction
+from trainer.twins.dense import Conv2dFunction, LinearFunction
 
 
 def twins(native: nn.Module, dtype: torch.dtype = torch.float64) -> tuple[nn.Module, nn.Module]:

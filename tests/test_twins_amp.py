@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.functions import amp
-from trainer.functions.activations import CustomReLU, ReLUFunction
+from trainer.twins import amp
+from trainer.twins.activations import CustomReLU, ReLUFunction
 
 
 def counting_apply(monkeypatch, function):

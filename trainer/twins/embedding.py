@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.registry import Case
 
 
 def embedding_backward(g: torch.Tensor, idx: torch.Tensor, num_weights: int, padding_idx: int | None,
@@ -73,7 +72,7 @@ def _indices(*rows):
     return lambda gen: (torch.tensor(rows),)
 
 
-layers.register(
+registry.register(
     "embedding", native=nn.Embedding, custom=CustomEmbedding, saves="indices",
     cases=lambda: [
         Case("embedding", lambda: nn.Embedding(5, 3), _indices([0, 2, 2], [4, 1, 2])),

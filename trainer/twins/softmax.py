@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.functions.amp import as_dtype, opmath
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.amp import as_dtype, opmath
+from trainer.twins.registry import Case
 
 def _dim(module: nn.Softmax | nn.LogSoftmax, x: torch.Tensor, name: str) -> int:
     """The module's dim, or native's legacy choice (with its warning, in eager only) when it is None."""
@@ -145,7 +144,7 @@ def _cases(native: type[nn.Module], name: str) -> list[Case]:
     ]
 
 
-layers.register("softmax", native=nn.Softmax, custom=CustomSoftmax, saves="y (output)", reduction=True,
+registry.register("softmax", native=nn.Softmax, custom=CustomSoftmax, saves="y (output)", reduction=True,
                 cases=lambda: _cases(nn.Softmax, "softmax"))
-layers.register("log_softmax", native=nn.LogSoftmax, custom=CustomLogSoftmax, saves="y (output)",
+registry.register("log_softmax", native=nn.LogSoftmax, custom=CustomLogSoftmax, saves="y (output)",
                 reduction=True, cases=lambda: _cases(nn.LogSoftmax, "log_softmax"))

@@ -139,7 +139,7 @@ def test_gelu_rejects_an_unknown_approximation():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gelu_blockwise_backward_matches_native(monkeypatch, dtype):
     """Large CPU inputs take gelu's backward a block at a time; tiny blocks here so every edge crosses one."""
-    from trainer.functions import activations
+    from trainer.twins import activations
 
     monkeypatch.setattr(activations, "_GELU_CHUNKED", 1)
     monkeypatch.setattr(activations, "_GELU_CHUNK", 7)
@@ -154,7 +154,7 @@ def test_gelu_blockwise_backward_matches_native(monkeypatch, dtype):
 
 def test_constants_off_the_cpu_are_made_once_per_dtype_and_device():
     """On a GPU each new constant is a host-to-device copy that syncs; they are kept (meta stands in here)."""
-    from trainer.functions import activations
+    from trainer.twins import activations
 
     t = torch.empty(3, device="meta")
     first, again = activations._GELU.of(t), activations._GELU.of(t)

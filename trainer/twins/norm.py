@@ -24,10 +24,9 @@ import math
 import torch
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.functions.amp import LOW, as_dtype, opmath
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.amp import LOW, as_dtype, opmath
+from trainer.twins.registry import Case
 
 
 def _rsqrt_var_eps(r: torch.Tensor, n: int, eps: float, squared: bool = False) -> torch.Tensor:
@@ -243,7 +242,7 @@ def _layer_norm(shape, **kwargs):
     return build
 
 
-layers.register(
+registry.register(
     "layer_norm", native=nn.LayerNorm, custom=CustomLayerNorm, reduction=True,
     saves="x_hat, rstd (stats fp32; x and row sums above 2^18 elements or in half); y and rstd without affine",
     cases=lambda: [
@@ -480,7 +479,7 @@ def _batch_norm(cls, channels: int, **kwargs):
 # vmap: BatchNormFunction has generate_vmap_rule. In training the module mutates its running-stat
 # buffers, which torch.func refuses for captured tensors ("mutate a captured Tensor"), native
 # BatchNorm included: pass the buffers in (functional_call), as trainer.audit.as_function does.
-layers.register(
+registry.register(
     "batch_norm", native=(nn.BatchNorm1d, nn.BatchNorm2d), custom=(CustomBatchNorm1d, CustomBatchNorm2d),
     reduction=True, vmap=True, saves="x, sums of x and (x-mean)^2 (fp32); y for x without affine; eval: x only for d gamma",
     cases=lambda: [

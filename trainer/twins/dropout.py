@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.registry import Case
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -97,7 +96,7 @@ def _randn(*shape: int):
     return lambda gen: (torch.randn(*shape, generator=gen, dtype=torch.float64),)
 
 
-layers.register(
+registry.register(
     "dropout", native=nn.Dropout, custom=CustomDropout, saves="bool mask (1 B/elem); nothing if p in {0, 1} or eval",
     cases=lambda: [
         Case("p0.3", lambda: nn.Dropout(0.3), _randn(4, 7)),

@@ -9,9 +9,9 @@ from torch import nn
 
 from trainer import layers
 from trainer.audit import as_function, gradcheck_case, prepare
-from trainer.functions import norm
-from trainer.functions.dropout import DropoutFunction
-from trainer.functions.norm import BatchNormFunction
+from trainer.twins import norm
+from trainer.twins.dropout import DropoutFunction
+from trainer.twins.norm import BatchNormFunction
 
 
 def twins(native: nn.Module) -> tuple[nn.Module, nn.Module]:

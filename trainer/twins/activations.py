@@ -25,10 +25,9 @@ import math
 import torch
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.functions.amp import LOW
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.amp import LOW
+from trainer.twins.registry import Case
 
 
 def _randn(*shape: int, low: float = 0.05):
@@ -156,7 +155,7 @@ class CustomReLU(nn.ReLU):
         return amp.apply(ReLUFunction, amp.KEEP, x)
 
 
-layers.register(
+registry.register(
     "relu", native=nn.ReLU, custom=CustomReLU, saves="y (output)",
     cases=lambda: [
         Case("relu", nn.ReLU, _randn(4, 7)),
@@ -219,7 +218,7 @@ class CustomLeakyReLU(nn.LeakyReLU):
         return amp.apply(LeakyReLUFunction, amp.KEEP, x, self.negative_slope)
 
 
-layers.register(
+registry.register(
     "leaky_relu", native=nn.LeakyReLU, custom=CustomLeakyReLU,
     saves="y (output); x when negative_slope < 0",
     cases=lambda: [
@@ -289,7 +288,7 @@ class CustomELU(nn.ELU):
 
 
 # NaN is left out of the edge cases: native's vectorized and scalar loops disagree on its grad
-layers.register(
+registry.register(
     "elu", native=nn.ELU, custom=CustomELU, saves="y (output); x when alpha < 0",
     cases=lambda: [
         Case("elu-3d", nn.ELU, _randn(2, 2, 3)),
@@ -396,7 +395,7 @@ class CustomGELU(nn.GELU):
 _GELU_EDGES = (-math.inf, -1e30, -1e4, -40.0, -10.0, -5.0, -1.0, -0.0, 0.0, 0.5, 5.0, 10.0, 40.0, 1e4, math.inf,
                math.nan)
 
-layers.register(
+registry.register(
     "gelu", native=nn.GELU, custom=CustomGELU, saves="x (input)",
     cases=lambda: [
         Case("gelu", nn.GELU, _spread(3, 4, scale=2.0, kinks=())),
@@ -450,7 +449,7 @@ class CustomSiLU(nn.SiLU):
         return amp.apply(SiLUFunction, amp.KEEP, x)
 
 
-layers.register(
+registry.register(
     "silu", native=nn.SiLU, custom=CustomSiLU, saves="x (input)",
     cases=lambda: [
         Case("silu-3d", nn.SiLU, _spread(2, 2, 3, scale=3.0, kinks=())),
@@ -512,7 +511,7 @@ class CustomMish(nn.Mish):
 
 
 # +inf is left out of the edge cases: native's grad there is NaN (inf * 0), the twin's is 1
-layers.register(
+registry.register(
     "mish", native=nn.Mish, custom=CustomMish, saves="x (input)",
     cases=lambda: [
         Case("mish-3d", nn.Mish, _spread(2, 2, 3, scale=3.0, kinks=())),
@@ -591,7 +590,7 @@ class CustomSoftplus(nn.Softplus):
         return amp.apply(SoftplusFunction, amp.FP32_ON_CUDA, x, self.beta, self.threshold)
 
 
-layers.register(
+registry.register(
     "softplus", native=nn.Softplus, custom=CustomSoftplus, saves="x (input)",
     cases=lambda: [
         Case("softplus", nn.Softplus, _spread(3, 4, scale=3.0, kinks=())),
@@ -644,7 +643,7 @@ class CustomSigmoid(nn.Sigmoid):
         return amp.apply(SigmoidFunction, amp.KEEP, x)
 
 
-layers.register(
+registry.register(
     "sigmoid", native=nn.Sigmoid, custom=CustomSigmoid, saves="y (output)",
     cases=lambda: [
         Case("sigmoid-3d", nn.Sigmoid, _spread(2, 2, 3, scale=3.0, kinks=())),
@@ -698,7 +697,7 @@ class CustomTanh(nn.Tanh):
         return amp.apply(TanhFunction, amp.KEEP, x)
 
 
-layers.register(
+registry.register(
     "tanh", native=nn.Tanh, custom=CustomTanh, saves="y (output)",
     cases=lambda: [
         Case("tanh-3d", nn.Tanh, _spread(2, 2, 3, scale=2.0, kinks=())),
@@ -762,7 +761,7 @@ _BELOW_3 = 3 - 2**-22  # the float32 just below 3
 _HARD_EDGES = (-math.inf, -1e30, -4.0, -3.0001, -3.0, -_BELOW_3, -2.9999, -0.0, 0.0, 2.9999, _BELOW_3, 3.0, 3.0001, 4.0,
                1e30, math.inf)
 
-layers.register(
+registry.register(
     "hardsigmoid", native=nn.Hardsigmoid, custom=CustomHardsigmoid, saves="x (input)",
     cases=lambda: [
         Case("hardsigmoid-3d", nn.Hardsigmoid, _spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
@@ -837,7 +836,7 @@ class CustomHardswish(nn.Hardswish):
 
 
 # NaN is left out of the edge cases: native's vectorized and scalar loops disagree on its grad
-layers.register(
+registry.register(
     "hardswish", native=nn.Hardswish, custom=CustomHardswish, saves="x (input)",
     cases=lambda: [
         Case("hardswish-3d", nn.Hardswish, _spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),

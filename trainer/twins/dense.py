@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.registry import Case
 
 
 def _randn(*shape: int):
@@ -71,7 +70,7 @@ class CustomLinear(nn.Linear):
         return amp.apply(LinearFunction, amp.LOWER, x, self.weight, self.bias)
 
 
-layers.register(
+registry.register(
     "linear", native=nn.Linear, custom=CustomLinear, saves="x if dW is needed, W if dx is needed",
     reduction=True,
     cases=lambda: [
@@ -185,7 +184,7 @@ class CustomConv2d(nn.Conv2d):
                          self.stride, padding, self.dilation, self.groups)
 
 
-layers.register(
+registry.register(
     "conv2d", native=nn.Conv2d, custom=CustomConv2d, saves="x if dW is needed, W if dx is needed",
     reduction=True,
     cases=lambda: [

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from trainer import layers
-from trainer.functions.losses import CrossEntropyFunction
+from trainer.twins.losses import CrossEntropyFunction
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer import layers
-from trainer.functions import amp
-from trainer.functions.amp import as_dtype, opmath
-from trainer.layers import Case
+from trainer.twins import amp, registry
+from trainer.twins.amp import as_dtype, opmath
+from trainer.twins.registry import Case
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
@@ -83,7 +82,7 @@ class CustomMSELoss(nn.MSELoss):
         return amp.apply(MSELossFunction, amp.FP32, *_broadcast(input, target), self.reduction)
 
 
-layers.register(
+registry.register(
     "mse", native=nn.MSELoss, custom=CustomMSELoss, saves="x, t (inputs)", reduction=True,
     cases=lambda: [
         Case("mse-mean", nn.MSELoss, _pair(4, 5)),
@@ -137,7 +136,7 @@ class CustomL1Loss(nn.L1Loss):
         return amp.apply(L1LossFunction, amp.FP32, *_broadcast(input, target), self.reduction)[0]
 
 
-layers.register(
+registry.register(
     "l1", native=nn.L1Loss, custom=CustomL1Loss, saves="sign(x − t) (int8, an extra output)", reduction=True,
     cases=lambda: [
         Case("l1-mean", nn.L1Loss, _pair(4, 5)),
@@ -183,7 +182,7 @@ class CustomHuberLoss(nn.HuberLoss):
         return amp.apply(HuberLossFunction, amp.FP32, *_broadcast(input, target), self.reduction, self.delta)
 
 
-layers.register(
+registry.register(
     "huber", native=nn.HuberLoss, custom=CustomHuberLoss, saves="x, t (inputs)", reduction=True,
     cases=lambda: [
         Case("huber-mean", nn.HuberLoss, _pair(4, 5, scale=2.0)),
@@ -361,7 +360,7 @@ def _weights(*w: float):
     return torch.tensor(w, dtype=torch.float64)
 
 
-layers.register(
+registry.register(
     "cross_entropy", native=nn.CrossEntropyLoss, custom=CustomCrossEntropyLoss, reduction=True,
     saves="p, log p for probabilities (an extra output, as many bytes as native's log p), target, weight",
     cases=lambda: [
@@ -465,7 +464,7 @@ class CustomBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
                          self.reduction)
 
 
-layers.register(
+registry.register(
     "bce_with_logits", native=nn.BCEWithLogitsLoss, custom=CustomBCEWithLogitsLoss, reduction=True,
     saves="x, t (inputs)",
     cases=lambda: [
