@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from trainer import __version__
+from trainer.check.report import table
 from trainer.errors import ConfigError
 
 EXAMPLES = "examples: trainer run configs/quickstart.yaml optimizer.lr=0.1 | trainer layers | trainer gradcheck relu"
@@ -15,13 +17,6 @@ EXAMPLES = "examples: trainer run configs/quickstart.yaml optimizer.lr=0.1 | tra
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one `error:` line and exit 2, like every other user error
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def split_values(text: str) -> list[str]:
@@ -50,8 +45,8 @@ def sweep_overrides(sweep: Sequence[str]) -> list[list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from trainer import Trainer  # with shadow mode and NaN diagnosis attached
     from trainer.config import load_config
-    from trainer.loop import Trainer
 
     if args.resume and args.sweep:
         raise ConfigError("--resume", "cannot be combined with --sweep", suggestion="resume one run at a time")
@@ -73,14 +68,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from trainer.compare import compare_config, format_report
+    from trainer.check.compare import compare_config
+    from trainer.check.report import format_report
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
     if args.steps is not None:
-        from trainer.shadow import lockstep
+        from trainer.check.lockstep import lockstep
 
         if args.steps < 1:
             raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
@@ -163,6 +159,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     """The top-level parser (for help) and each command's parser."""
     p = Parser(prog="trainer", description="Config-driven PyTorch training with hand-written autograd twins.",
                epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="train; writes <log.dir>/<name>/version_<N>/")
     run.add_argument("config", help="a YAML config file")

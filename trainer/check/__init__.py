@@ -1,0 +1,8 @@
+"""The checking tools, built on top of the trainer and the builder (nothing below imports them).
+
+``compare`` (native against custom on one config's batches, and bisect to the guilty layer),
+``diff`` (the tensor comparison they all use), ``shadow`` (shadow mode inside a run),
+``lockstep`` (native and custom trained side by side), ``diagnose`` (where a NaN began),
+``report`` (plain-text tables), and ``attach`` (which adds shadow mode and NaN diagnosis to a
+Trainer whose config asks for them).
+"""

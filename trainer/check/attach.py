@@ -1,0 +1,31 @@
+"""Attaches the checking callbacks a config asks for to every Trainer: imported, it registers them with the loop.
+
+``trainer.callbacks.BUILT_IN`` gets ``config_callbacks``: ``Shadow`` when ``compare.every`` is
+set, ``Diagnosis`` when a single-process run has layers running their custom twins.
+``from trainer import Trainer`` and the CLI import this module; the loop never does.
+"""
+from __future__ import annotations
+
+from trainer import callbacks
+from trainer.check.compare import swapped_layers
+from trainer.check.diagnose import Diagnosis
+from trainer.check.shadow import Shadow
+from trainer.errors import ConfigError
+
+
+def config_callbacks(trainer) -> list[callbacks.Callback]:
+    """The checking callbacks ``trainer.cfg`` asks for."""
+    out: list[callbacks.Callback] = []
+    cmp = trainer.cfg.compare
+    if cmp.every:
+        shadow = Shadow(trainer.model, trainer.loss_fn, cmp.every, cmp.rtol, cmp.atol)
+        if not shadow.modules:
+            raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
+                              suggestion="set layers.default: custom, or name layers under layers:")
+        out.append(shadow)
+    if not trainer.env.distributed and swapped_layers(trainer.model, trainer.loss_fn):  # twins: find a NaN's culprit
+        out.append(Diagnosis())
+    return out
+
+
+callbacks.BUILT_IN.append(config_callbacks)
