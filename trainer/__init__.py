@@ -8,12 +8,8 @@ Every name here is imported on first use (``trainer --help`` answers without imp
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("trainer")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "unknown"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
 
 # public name -> the module that defines it; a module of this package is its own entry
 _LAZY = {"Trainer": "trainer.loop", "FitResult": "trainer.loop", "Config": "trainer.config",
