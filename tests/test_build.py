@@ -55,6 +55,7 @@ def test_build_makes_no_trainer_and_writes_nothing(quick, tmp_path):
     (["data.val_fraction=0", "scheduler={name: plateau}"], "scheduler.name"),
     (["data.n_samples=10", "data.batch_size=64", "data.drop_last=true"], "data.batch_size"),
     (["train.precision=16"], "train.precision"),
+    (["compare.every=5"], "compare.every"),  # shadow mode with no layer running its twin
 ])
 def test_config_checks_that_need_the_parts_are_the_builders(quick, overrides, path):
     with pytest.raises(ConfigError) as e:

@@ -99,6 +99,9 @@ def build(cfg: Config) -> Parts:
     scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "16")
     low = {"bf16": torch.bfloat16, "16": torch.float16}.get(t.precision)
     autocast = torch.autocast(device.type, dtype=low) if low else contextlib.nullcontext()
+    if cfg.compare.every and not runs_custom(model, loss):
+        raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
+                          suggestion="set layers.default: custom, or name layers under layers:")
     check_fit(model, loss, train_set, device)
     return Parts(cfg, env, device, model, loss, optimizer, scheduler, train_set, val_set, train_loader, sampler,
                  val_loader, batches_per_epoch, steps_per_epoch, total_steps, autocast, scaler)
@@ -160,6 +163,12 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
     if len(train) == 0:
         raise ConfigError("data", "the training set is empty")
     return train, val
+
+
+def runs_custom(*modules: Any) -> bool:
+    """Whether any registry layer inside ``modules`` (nn.Modules; other callables are skipped) runs its twin."""
+    return any((info := layers.impl_of(m)) is not None and info[1] == "custom"
+               for module in modules if isinstance(module, nn.Module) for m in module.modules())
 
 
 def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device) -> None:

@@ -46,6 +46,7 @@ def sweep_overrides(sweep: Sequence[str]) -> list[list[str]]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from trainer import Trainer  # with shadow mode and NaN diagnosis attached
+    from trainer.build import build
     from trainer.config import load_config
 
     if args.resume and args.sweep:
@@ -53,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configs = [load_config(args.config, [*args.overrides, *combo]) for combo in sweep_overrides(args.sweep)]
     if len(configs) > 1:
         for cfg in configs:  # build every combination once before any run writes anything
-            Trainer(cfg)
+            build(cfg)
     for cfg in configs:
         trainer = Trainer(cfg, resume=args.resume)
         result = trainer.fit()

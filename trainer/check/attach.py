@@ -10,19 +10,14 @@ from trainer import callbacks
 from trainer.check.compare import swapped_layers
 from trainer.check.diagnose import Diagnosis
 from trainer.check.shadow import Shadow
-from trainer.errors import ConfigError
 
 
 def config_callbacks(trainer) -> list[callbacks.Callback]:
     """The checking callbacks ``trainer.cfg`` asks for."""
     out: list[callbacks.Callback] = []
     cmp = trainer.cfg.compare
-    if cmp.every:
-        shadow = Shadow(trainer.model, trainer.loss_fn, cmp.every, cmp.rtol, cmp.atol)
-        if not shadow.modules:
-            raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
-                              suggestion="set layers.default: custom, or name layers under layers:")
-        out.append(shadow)
+    if cmp.every:  # the builder made sure that some layer runs custom
+        out.append(Shadow(trainer.model, trainer.loss_fn, cmp.every, cmp.rtol, cmp.atol))
     if not trainer.env.distributed and swapped_layers(trainer.model, trainer.loss_fn):  # twins: find a NaN's culprit
         out.append(Diagnosis())
     return out
