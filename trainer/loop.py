@@ -89,6 +89,7 @@ class Trainer:
     def __init__(self, cfg: Config | dict | str | PathLike, *, resume: str | PathLike | None = None,
                  callbacks: Sequence[Callback] = ()):
         self.cfg = cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
+        t = cfg.train
         parts = build(cfg)  # builds and checks everything the config names; writes nothing
         self.env, self.device = parts.env, parts.device
         self.model, self.loss_fn = parts.model, parts.loss  # as built: validation and checkpoints use these
@@ -98,26 +99,26 @@ class Trainer:
         self.batches_per_epoch = parts.batches_per_epoch
         self.steps_per_epoch, self.total_steps = parts.steps_per_epoch, parts.total_steps
         self.ddp = distributed.wrap(self.model, self.env)
-        self.net = torch.compile(self.ddp) if cfg.train.compile else self.ddp  # the model as the step runs it
+        self.net = torch.compile(self.ddp) if t.compile else self.ddp  # the model as the step runs it
         # the loss too: a twin loss is a dozen small ops that inductor fuses into a kernel or two
-        self._compiled_loss = torch.compile(self.loss_fn) if cfg.train.compile else None
-        self.monitor = Monitor(cfg.train.monitor, cfg.train.monitor_mode, cfg.train.min_delta, cfg.train.patience)
+        self._compiled_loss = torch.compile(self.loss_fn) if t.compile else None
+        self.monitor = Monitor(t.monitor, t.monitor_mode, t.min_delta, t.patience)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
         self.run_dir: Path | None = None
         self.checkpoints: checkpoint.Checkpoints | None = None
         self.log = RunLog(None, total=None, initial=0, progress=False, enabled=False)  # fit() opens the run's own
-        self.stopped_early = False
         self._rng: dict[str, Any] | None = None
         self._signal: int | None = None
         self._window: list[torch.Tensor] = []
         self._skipped = self._samples = 0
         self._validated_at = self._saved_at = -1
+        self.stopped_early = False
         self._clock = time.perf_counter()  # restarted when fit() starts
         self.callbacks: list[Callback] = [*built_in(self), *callbacks]
         if resume is not None:
             self.run_dir = Path(resume)
-            self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints)
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints)
             state, path, problems = self.checkpoints.load()
             for problem in problems:  # a newer checkpoint was damaged: say so, and which one is used
                 print(f"warning: {problem}; resuming from {path.relative_to(self.run_dir)} (step {state['step']}), "
