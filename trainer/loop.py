@@ -56,6 +56,14 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
 
 
+class InterruptedTwice(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM arrived before the first one's checkpoint was saved: stopped at once."""
+
+    def __init__(self, signum: int, first: int):
+        self.signum, self.first = signum, first
+        super().__init__(f"interrupted twice by {signal.Signals(signum).name}; stopped without saving")
+
+
 NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
@@ -117,7 +125,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "16")
         low = {"bf16": torch.bfloat16, "16": torch.float16}.get(t.precision)
         self.autocast = torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
-        check_fit(self.model, self.loss_fn, train_set, self.device)
+        check_fit(self.model, self.loss_fn, train_set, self.device, t.monitor)
         self.ddp = distributed.wrap(self.model, self.env)
         self.net = torch.compile(self.ddp) if t.compile else self.ddp
         # the loss too: a twin loss is a dozen small ops that inductor fuses into a kernel or two
@@ -410,7 +418,7 @@ class Trainer:
 
         def handler(signum, frame):
             if self._signal is not None:
-                raise KeyboardInterrupt
+                raise InterruptedTwice(signum, self._signal)
             self._signal = signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
