@@ -3,15 +3,24 @@
     from trainer import Trainer, load_config
     result = Trainer(load_config("configs/quickstart.yaml", overrides=["optimizer.lr=0.1"])).fit()
 """
-from trainer import datasets, layers, losses, models, optimizers, schedulers
-from trainer.config import Config, load_config
+import importlib
+
 from trainer.errors import ConfigError
 
 __all__ = ["Config", "ConfigError", "Trainer", "datasets", "layers", "load_config", "losses", "models",
            "optimizers", "schedulers"]
 
+# Imported on first use, not with the package: they import torch and yaml (seconds), and the `trainer`
+# command must have its signal handlers in place before that, so a Ctrl-C while it loads is one error line.
+SUBMODULES = ("datasets", "layers", "losses", "models", "optimizers", "schedulers")
+
 
 def __getattr__(name: str):
+    if name in SUBMODULES:
+        return importlib.import_module(f"trainer.{name}")
+    if name in ("Config", "load_config"):
+        from trainer import config
+        return getattr(config, name)
     if name in ("Trainer", "FitResult"):  # the loop imports tensorboard; load it only when asked for
         from trainer import loop
         return getattr(loop, name)

@@ -6,6 +6,7 @@ anything else as a plain DataLoader does.
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from itertools import islice
 
@@ -35,6 +36,13 @@ class ResumableSampler(DistributedSampler):
         return max(0, super().__len__() - self.skip)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's start: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, slurm, systemd) are
+    for the main process, which finishes its step, saves and then shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def collate(samples: list | Batch):
     """A Batch a dataset gathered whole (``Tensors.__getitems__``) as it is; a list of samples collated."""
     return samples if isinstance(samples, Batch) else default_collate(samples)
@@ -47,7 +55,8 @@ def loaders(train: Dataset, val: Dataset | None, cfg: DataConfig, env: Env, seed
     pin = env.device.type == "cuda"
     # A generator of its own keeps each new iterator from drawing on the global RNG (resume stays exact).
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin, collate_fn=collate,
-                  generator=torch.Generator(), persistent_workers=cfg.num_workers > 0)
+                  generator=torch.Generator(), persistent_workers=cfg.num_workers > 0,
+                  worker_init_fn=ignore_stop_signals if cfg.num_workers > 0 else None)
     train_loader = DataLoader(train, sampler=sampler, drop_last=cfg.drop_last, **common)
     val_loader = None
     if val is not None and len(val):
