@@ -127,3 +127,14 @@ def test_skip_nonfinite_with_every_loss_nan_exits_1_with_one_error_line(tmp_path
                    "train.skip_nonfinite=true", "optimizer.lr=1e30", "log.every=5")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: every one of the") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_process_ends_while_its_workers_are_alive(tmp_path):
+    """Workers ignore SIGTERM from others, yet obey their parent's: exiting with live persistent workers ends."""
+    script = (f"from trainer import Trainer, load_config\n"
+              f"cfg = load_config({str(QUICKSTART)!r}, ['log.dir={tmp_path}', 'log.progress=false',"
+              f" 'data.num_workers=2', 'train.max_steps=3'])\n"
+              f"t = Trainer(cfg)\nt.fit()\nnext(iter(t.train_loader))\n")  # workers alive at exit
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr

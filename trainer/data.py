@@ -6,7 +6,9 @@ anything else as a plain DataLoader does.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Iterator
 from itertools import islice
 
@@ -37,10 +39,24 @@ class ResumableSampler(DistributedSampler):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's start: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, slurm, systemd) are
-    for the main process, which finishes its step, saves and then shuts the workers down itself."""
+    """A DataLoader worker's start: SIGINT and SIGTERM sent to the whole process group are for the main process.
+
+    Ctrl-C, slurm and systemd signal every process of a job; the main process finishes its step,
+    saves and shuts the workers down itself. So a worker ignores SIGINT and obeys SIGTERM only from
+    its parent (the DataLoader's and multiprocessing's own shutdown): SIGTERM stays blocked, and a
+    thread takes each one with its sender's pid.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_obey_parent_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _obey_parent_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # the default action: the worker ends by SIGTERM
 
 
 def collate(samples: list | Batch):
