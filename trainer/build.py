@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from trainer import datasets, layers, losses, models, optimizers, schedulers
+from trainer import datasets, layers, losses, models, optimizers, schedulers, threads
 from trainer.config import Component, Config
 from trainer.errors import ConfigError
 from trainer.registry import Registry
@@ -30,6 +30,7 @@ def registry(section: str) -> Registry:
 def call(section: str, comp: Component, *args: Any, **injected: Any) -> Any:
     """Build ``comp`` from its registry entry; any complaint from the entry becomes a ConfigError under ``section``."""
     entry: Callable[..., Any] = registry(section).get(comp.name, f"{section}.name")
+    threads.warm_up()  # before any component computes: the process's first parallel regions are on throwaway data
     try:
         return entry(*args, **injected, **comp.kwargs)
     except ConfigError as e:

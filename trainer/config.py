@@ -221,6 +221,9 @@ def import_modules(modules: Any, folder: Path | None = None) -> None:
     for place in {str(Path.cwd()), str(folder.resolve()) if folder else None} - {None}:
         if place not in sys.path:
             sys.path.insert(0, place)
+    if modules:  # a module may compute at import: the process's first parallel regions go on throwaway data first
+        from trainer import threads
+        threads.warm_up()
     for i, name in enumerate(modules):
         try:
             importlib.import_module(name)
