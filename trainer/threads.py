@@ -15,7 +15,7 @@ _done = False
 
 
 def warm_up() -> None:
-    """Run a plain parallel loop and an MKL vector-math call over every intra-op thread, once per process."""
+    """Run a plain parallel loop, an MKL vector-math call and an MKL matmul over every thread, once per process."""
     global _done
     if _done:
         return
@@ -23,3 +23,6 @@ def warm_up() -> None:
     threads = max(1, torch.get_num_threads())
     torch.zeros(2 * 32768 * threads).add_(1.0)  # ATen's parallel_for grain: every thread gets a chunk
     torch.cos(torch.zeros(2 * 2048 * threads))  # VML's grain: every thread makes its first MKL call
+    # and MKL's BLAS: the regression dataset's first parallel work is its x @ w (an unexplained kill -9 resume
+    # difference on that data, once in 20 fresh processes, fits the same first-call cause)
+    torch.ones(256, 256) @ torch.ones(256, 256)
