@@ -134,7 +134,8 @@ def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device, m
         got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ConfigError("loss", f"returned {got}, but a training step backpropagates one number",
                           suggestion="reduce the loss to a scalar (mean or sum)")
-    classes = isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[1] > 1 and not y.is_floating_point()  # as Trainer.evaluate decides
+    # as Trainer.evaluate decides whether there is an accuracy to measure
+    classes = isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[1] > 1 and not y.is_floating_point()
     if monitor == "val/accuracy" and not classes:
         raise ConfigError("train.monitor", "val/accuracy is measured only for class scores against class-index "
                           f"targets; this model gives {tuple(out.shape[1:])} per sample for {y.dtype} targets",
