@@ -5,6 +5,7 @@ import textwrap
 import time
 
 import pytest
+import yaml
 
 from conftest import QUICKSTART, run_cli
 from trainer import ConfigError, Trainer, bounded, load_config
@@ -165,6 +166,13 @@ def test_a_name_with_a_nul_is_refused(tmp_path, capsys):
 def test_tilde_in_log_dir_is_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config(QUICKSTART, ["log.dir=~/runs"]).log.dir == str(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("folder,text", [("a\0b", "NUL"), ("x" * 300 + "/runs", "File name too long")],
+                         ids=["nul", "name-too-long"])
+def test_log_dir_that_cannot_be_a_folder_is_refused(folder, text):
+    with pytest.raises(ConfigError, match=text):
+        load_config({**yaml.safe_load(QUICKSTART.read_text()), "log": {"dir": folder}})
 
 
 @pytest.mark.parametrize("below", ["", "/sub"], ids=["is-a-file", "under-a-file"])

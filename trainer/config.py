@@ -311,10 +311,16 @@ def validate(cfg: Config) -> None:
 
 def check_run_folder(folder: str) -> None:
     """``log.dir`` must be (or be creatable as) a folder: its nearest existing ancestor is a folder."""
-    place = Path(folder).absolute()
-    while not place.exists() and place != place.parent:
-        place = place.parent
-    if not place.is_dir():
+    if "\0" in folder:
+        raise ConfigError("log.dir", f"{folder!r} holds a NUL character", suggestion="point log.dir at a folder")
+    try:
+        place = Path(folder).absolute()
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        is_dir = place.is_dir()
+    except (OSError, ValueError) as e:  # a NUL in the path, a name too long
+        raise ConfigError("log.dir", f"cannot be a folder: {e}", suggestion="point log.dir at a folder") from None
+    if not is_dir:
         raise ConfigError("log.dir", f"{place} is a file, not a folder", suggestion="point log.dir at a folder")
 
 
