@@ -96,3 +96,47 @@ def test_random_yaml_text(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
     path.write_text(text)
     loads_or_config_error(path)
+
+
+# YAML text with anchors, aliases (possibly undefined, recursive or exponential) and nesting of any depth
+anchor_names = st.sampled_from(["a", "b", "c"])
+leaf_text = st.sampled_from(["1", "x", "null", "*a", "*b", "*c", "[]", "{}", "1e999", ".inf", "-0.5", "'s'"])
+node_text = st.recursive(
+    leaf_text,
+    lambda inner: (st.lists(inner, max_size=9).map(lambda xs: "[" + ", ".join(xs) + "]")
+                   | st.lists(st.tuples(st.sampled_from(KEYS), inner), max_size=5).map(
+                       lambda kv: "{" + ", ".join(f"{k}: {v}" for k, v in kv) + "}")
+                   | st.tuples(anchor_names, inner).map(lambda t: f"&{t[0]} {t[1]}")),
+    max_leaves=60)
+
+
+def nest(depth: int, opener: str, closer: str, inside: str) -> str:
+    return opener * depth + inside + closer * depth
+
+
+deep_text = st.tuples(st.integers(1, 3000), st.sampled_from([("[", "]"), ("{k: ", "}")]), node_text).map(
+    lambda t: nest(t[0], t[1][0], t[1][1], t[2]))
+bomb_text = st.tuples(st.integers(1, 12), st.integers(1, 12)).map(
+    lambda t: "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'lol'] * t[1])}]\n" for i in range(t[0])))
+
+
+YAML_FUZZ = settings(FUZZ, max_examples=150)  # each example writes and parses a file of up to ~10 kB
+
+
+@pytest.mark.slow
+@YAML_FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["model", "optimizer", "data", "train", "extra", "log"]),
+                          node_text | deep_text), max_size=4), st.none() | bomb_text)
+def test_aliases_deep_nesting_and_bombs_are_config_errors(tmp_path_factory, sections, bomb):
+    """Whatever anchors, aliases and depth a file holds, reading it costs a bounded time and raises ConfigError."""
+    text = (bomb or "") + "".join(f"{k}: {v}\n" for k, v in sections) + QUICKSTART.read_text()
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_text(text)
+    loads_or_config_error(path)
+
+
+@pytest.mark.slow
+@YAML_FUZZ
+@given(st.sampled_from(["model.hidden", "optimizer.betas", "model", "train", "extra.key"]), node_text | deep_text)
+def test_aliases_and_deep_nesting_in_overrides_are_config_errors(path, value):
+    loads_or_config_error(QUICKSTART, [f"{path}={value}"])

@@ -3,11 +3,13 @@
     from trainer import Trainer, load_config
     result = Trainer(load_config("configs/quickstart.yaml", overrides=["optimizer.lr=0.1"])).fit()
 
-Every name here is imported on first use (``trainer --help`` answers without importing torch).
+Every name here is imported on first use: ``trainer --help`` answers without importing torch, and the
+``trainer`` command has its signal handlers in place before torch loads (a Ctrl-C then is one error line).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it from here
 
@@ -23,8 +25,10 @@ __all__ = ["Callback", "Config", "ConfigError", "Trainer", "build", "datasets", 
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    if name not in _LAZY:  # any other submodule (trainer.checkpoint, ...) as an attribute, as before
+        if name.startswith("_") or importlib.util.find_spec(f"trainer.{name}") is None:
+            raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+        return importlib.import_module(f"trainer.{name}")
     if name == "Trainer":
         importlib.import_module("trainer.check.attach")  # shadow mode and NaN diagnosis attach to every Trainer
     module = importlib.import_module(_LAZY[name])

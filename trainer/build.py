@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from trainer import components, data, distributed, layers
+from trainer import components, data, distributed, layers, threads
 from trainer.config import Component, Config
 from trainer.data import ResumableSampler
 from trainer.distributed import Env
@@ -102,7 +102,7 @@ def build(cfg: Config) -> Parts:
     if cfg.compare.every and not runs_custom(model, loss):
         raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
                           suggestion="set layers.default: custom, or name layers under layers:")
-    check_fit(model, loss, train_set, device)
+    check_fit(model, loss, train_set, device, t.monitor)
     return Parts(cfg, env, device, model, loss, optimizer, scheduler, train_set, val_set, train_loader, sampler,
                  val_loader, batches_per_epoch, steps_per_epoch, total_steps, autocast, scaler)
 
@@ -110,6 +110,7 @@ def build(cfg: Config) -> Parts:
 def call(section: str, comp: Component, *args: Any, **injected: Any) -> Any:
     """Build ``comp`` from its registry entry; any complaint from the entry becomes a ConfigError under ``section``."""
     entry: Callable[..., Any] = components.registry(section).get(comp.name, f"{section}.name")
+    threads.warm_up()  # before any component computes: the process's first parallel regions are on throwaway data
     try:
         return entry(*args, **injected, **comp.kwargs)
     except ConfigError as e:
@@ -132,7 +133,23 @@ def build_loss(cfg: Config, mapping: Mapping[str, str] | None = None) -> nn.Modu
     loss = call("loss", cfg.loss)
     if not callable(loss):
         raise ConfigError("loss.name", f"{cfg.loss.name} returned {type(loss).__name__}, not a callable")
+    if not isinstance(loss, nn.Module):  # a plain function: a module around it moves to the device like any other
+        loss = LossFunction(loss)
     return layers.swap(loss, cfg.layers if mapping is None else mapping) if isinstance(loss, nn.Module) else loss
+
+
+class LossFunction(nn.Module):
+    """A loss given as a plain function ``fn(output, target)``, as a module."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.fn(output, target)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -171,20 +188,41 @@ def runs_custom(*modules: Any) -> bool:
                for module in modules if isinstance(module, nn.Module) for m in module.modules())
 
 
-def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device) -> None:
-    """Run two samples through model and loss, so a shape mismatch is a config error, not a crash mid-run."""
+def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device, monitor: str | None = None) -> None:
+    """Run two samples through model and loss, so a mismatch is a config error, not a crash mid-run.
+
+    Also checked here, where the outputs are known: samples are (input, target) pairs, the
+    loss is one number, and ``train.monitor: val/accuracy`` has class scores to measure.
+    """
     import warnings
 
     from torch.utils.data import default_collate
 
-    x, y = default_collate([train[i] for i in range(min(2, len(train)))])
+    samples = [train[i] for i in range(min(2, len(train)))]
+    for sample in samples:
+        if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+            size = f"{len(sample)}-tuple" if isinstance(sample, (tuple, list)) else type(sample).__name__
+            raise ConfigError("data.name", f"a training sample is a {size}, not an (input, target) pair",
+                              suggestion="make the dataset's __getitem__ return (input, target)")
+    x, y = default_collate(samples)
     model.eval()
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*target size.*")
-            loss_fn(model(x.to(device)), y.to(device))
+            out = model(x.to(device))
+            loss = loss_fn(out, y.to(device))
     except Exception as e:
         raise ConfigError("model", f"the model and loss do not fit the data: {str(e).strip().splitlines()[0]}",
                           suggestion="check the model's in/out sizes against the dataset and the loss") from None
     finally:
         model.train()
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point()):
+        got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ConfigError("loss", f"returned {got}, but a training step backpropagates one number",
+                          suggestion="reduce the loss to a scalar (mean or sum)")
+    # as Trainer.evaluate decides whether there is an accuracy to measure
+    classes = isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[1] > 1 and not y.is_floating_point()
+    if monitor == "val/accuracy" and not classes:
+        raise ConfigError("train.monitor", "val/accuracy is measured only for class scores against class-index "
+                          f"targets; this model gives {tuple(out.shape[1:])} per sample for {y.dtype} targets",
+                          suggestion="monitor val/loss")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -192,14 +193,54 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     return p, sub.choices
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside the training loop: while loading, building, or between runs."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before torch loads (seconds): a signal at any moment becomes an error line and 128 + its number.
+    # The training loop installs its own handlers (finish the step, save) and restores these after.
+    previous = {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    try:
+        return run_command(argv)
+    except Stopped as e:
+        ignore_signals()
+        print(f"error: interrupted by {signal.Signals(e.signum).name} outside training (while loading, building "
+              "or finishing); no checkpoint was written then", file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        # As the process's own command (argv None) an ending run keeps ignoring signals until the process exits,
+        # so its exit code stands; called in-process, the caller's handlers come back.
+        if argv is not None or signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def ignore_signals() -> None:
+    """The command is ending with its own exit code: a further signal must not turn that into a traceback."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top, commands = parser()
     if argv and argv[0] in commands:  # options and key=value overrides may come in any order
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = top.parse_args(argv)
-    from trainer.loop import Interrupted, NonFiniteLoss
+    from trainer.loop import Interrupted, InterruptedTwice, NonFiniteLoss
 
     try:
         return args.fn(args)
@@ -207,13 +248,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
+        ignore_signals()
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
+        ignore_signals()
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum
-    except KeyboardInterrupt:
-        print("error: interrupted twice; stopped without saving", file=sys.stderr)
+    except InterruptedTwice as e:
+        ignore_signals()
+        print(f"error: interrupted twice ({signal.Signals(e.signum).name} after "
+              f"{signal.Signals(e.first).name}); stopped without saving", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt as e:  # raised by user code, not by a signal the command handled
+        if isinstance(e, Stopped):
+            raise
+        ignore_signals()
+        print("error: interrupted; stopped without saving", file=sys.stderr)
         return 130
     finally:
         import torch.distributed as dist

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import importlib
 import inspect
+import math
 import os
 import sys
 import types
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from trainer import bounded
 from trainer.errors import ConfigError
 
 
@@ -133,6 +135,8 @@ SECTIONS = ("model", "loss", "optimizer", "scheduler", "data")
 REQUIRED = ("model", "loss", "optimizer", "data")
 PRECISIONS = ("32", "bf16", "16")
 MONITORS = ("val/loss", "val/accuracy", "train/loss")
+MAX_INT = 2**63 - 1
+MAX_NAME = 100  # characters: <name>-lockstep/version_<N> stays well inside a file name's 255 bytes
 
 
 def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
@@ -149,12 +153,14 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
         ConfigError: anything wrong with the file, an override or a value.
     """
     if isinstance(source, Mapping):
+        bounded.check_size(dict(source))
         raw, path = copy.deepcopy(dict(source)), None
     else:
         path = Path(source)
         raw = read_yaml(path)
     for override in overrides:
         apply_override(raw, override)
+    bounded.check_size(raw)  # the overrides together, too
     import_modules(raw.get("imports", []), path.parent if path else None)
     cfg = from_dict(raw)
     cfg.source = str(path) if path else None
@@ -164,16 +170,14 @@ def load_config(source: str | os.PathLike | Mapping[str, Any], overrides: Sequen
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(path), "no such config file", suggestion="check the path; configs/ holds examples")
+    if path.stat().st_size > bounded.MAX_BYTES:
+        raise ConfigError(str(path), f"larger than the {bounded.MAX_BYTES} bytes a config may have",
+                          suggestion="a config names its data by path; it does not hold it")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(str(path), f"invalid YAML{where}: {problem}",
-                          suggestion="only plain YAML is read (yaml.safe_load): no python tags") from None
+        text = path.read_text()
     except UnicodeDecodeError:
         raise ConfigError(str(path), "not a text file", suggestion="a config is a YAML text file") from None
+    raw = bounded.parse(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -190,8 +194,10 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(key or override, f"bad override {override!r}",
                           suggestion="write overrides as dotted.key=value, e.g. optimizer.lr=0.1")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = bounded.parse(text, key, root=key) if text.strip() else None
+    except ConfigError as e:
+        if "invalid YAML" not in e.message:
+            raise
         raise ConfigError(key, f"cannot parse the value {text!r}",
                           suggestion="values are YAML: 0.1, true, null, [64, 64], {name: relu}") from None
     node = raw
@@ -215,6 +221,9 @@ def import_modules(modules: Any, folder: Path | None = None) -> None:
     for place in {str(Path.cwd()), str(folder.resolve()) if folder else None} - {None}:
         if place not in sys.path:
             sys.path.insert(0, place)
+    if modules:  # a module may compute at import: the process's first parallel regions go on throwaway data first
+        from trainer import threads
+        threads.warm_up()
     for i, name in enumerate(modules):
         try:
             importlib.import_module(name)
@@ -222,6 +231,11 @@ def import_modules(modules: Any, folder: Path | None = None) -> None:
             raise ConfigError(f"imports[{i}]", f"cannot import {name!r}: {e}",
                               suggestion="a module file next to the config or in the current directory, "
                                          "or an installed package") from None
+        except Exception as e:  # the module itself is broken (SyntaxError, a raise, a name registered twice)
+            where = f" ({Path(e.filename).name}, line {e.lineno})" if isinstance(e, SyntaxError) and e.filename else ""
+            detail = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()
+            raise ConfigError(f"imports[{i}]", f"importing {name!r} raised {type(e).__name__}{where}: "
+                              f"{detail[0] if detail else ''}", suggestion=f"fix the module {name}") from None
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:
@@ -285,8 +299,29 @@ def validate(cfg: Config) -> None:
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:") and t.device[5:].isdigit()):
         raise ConfigError("train.device", f"unknown device {t.device!r}", choices=("auto", "cpu", "cuda", "cuda:0"),
                           given=t.device)
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ConfigError("name", f"{cfg.name!r} cannot name a run folder", suggestion="use letters, digits, - and _")
+    if not 0 <= cfg.seed <= MAX_INT:
+        raise ConfigError("seed", f"must be in [0, 2**63 - 1], got {cfg.seed}")
+    if (not cfg.name or "/" in cfg.name or "\\" in cfg.name or cfg.name in (".", "..") or len(cfg.name) > MAX_NAME
+            or not cfg.name.isprintable()):
+        raise ConfigError("name", f"{cfg.name[:MAX_NAME]!r}{'...' if len(cfg.name) > MAX_NAME else ''} cannot name "
+                          f"a run folder", suggestion=f"use up to {MAX_NAME} letters, digits, - and _")
+    log.dir = os.path.expanduser(log.dir)
+    check_run_folder(log.dir)
+
+
+def check_run_folder(folder: str) -> None:
+    """``log.dir`` must be (or be creatable as) a folder: its nearest existing ancestor is a folder."""
+    if "\0" in folder:
+        raise ConfigError("log.dir", f"{folder!r} holds a NUL character", suggestion="point log.dir at a folder")
+    try:
+        place = Path(folder).absolute()
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        is_dir = place.is_dir()
+    except (OSError, ValueError) as e:  # a NUL in the path, a name too long
+        raise ConfigError("log.dir", f"cannot be a folder: {e}", suggestion="point log.dir at a folder") from None
+    if not is_dir:
+        raise ConfigError("log.dir", f"{place} is a file, not a folder", suggestion="point log.dir at a folder")
 
 
 def section(raw: Any, cls: type, path: str) -> Any:
@@ -315,8 +350,21 @@ def component(raw: Any, path: str, cls: type[Component]) -> Component:
     fixed = {k: check_type(raw.pop(k), _hint(cls, k), f"{path}.{k}") for k in list(raw) if k in own}
     name = check_type(raw.pop("name"), str, f"{path}.name")
     entry = components.registry(path).get(name, f"{path}.name")
+    if path == "loss" and _is_loss_itself(entry, raw):
+        raise ConfigError("loss.name", f"{name!r} is registered as the loss function itself; a loss entry is called "
+                          "with the config's keys and returns the loss", suggestion=f"register a factory: "
+                          f"@register({name!r}) def make(): return {getattr(entry, '__name__', 'my_loss')}")
     kwargs = check_kwargs(entry, raw, path, skip=components.INJECTED.get(path, ()), extra=sorted(own))
     return cls(name=name, kwargs=kwargs, **fixed)
+
+
+def _is_loss_itself(entry: Any, given: Mapping[str, Any]) -> bool:
+    """A plain function of two required arguments the config does not give: the loss itself, not its factory."""
+    if inspect.isclass(entry) or not callable(entry):
+        return False
+    required = [p for p in inspect.signature(entry).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 2 and not any(p.name in given for p in required)
 
 
 def check_kwargs(fn: Any, kwargs: Mapping[str, Any], path: str, skip: Sequence[str] = (),
@@ -353,11 +401,15 @@ def check_type(value: Any, hint: Any, path: str) -> Any:
         return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for option in args:
             try:
                 return check_type(value, option, path)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(e)
+        for e in errors:  # the right type but out of range (inf, 2**70): that is the message to give
+            if e.message.startswith("must be"):
+                raise e
         raise ConfigError(path, f"expected {_describe(hint)}, got {value!r}")
     if origin is Literal:
         if value in args:
@@ -371,15 +423,22 @@ def check_type(value: Any, hint: Any, path: str) -> Any:
             return value
     elif hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:  # torch, numpy and len() take at most 64-bit integers
+                raise ConfigError(path, f"must be at most {MAX_INT} in size, got {value}")
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf, 1e999, .nan: no option means anything with them
+                raise ConfigError(path, f"must be a finite number, got {value}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -6,6 +6,9 @@ anything else as a plain DataLoader does.
 """
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Iterator
 from itertools import islice
 
@@ -35,6 +38,27 @@ class ResumableSampler(DistributedSampler):
         return max(0, super().__len__() - self.skip)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's start: SIGINT and SIGTERM sent to the whole process group are for the main process.
+
+    Ctrl-C, slurm and systemd signal every process of a job; the main process finishes its step,
+    saves and shuts the workers down itself. So a worker ignores SIGINT and obeys SIGTERM only from
+    its parent (the DataLoader's and multiprocessing's own shutdown): SIGTERM stays blocked, and a
+    thread takes each one with its sender's pid.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_obey_parent_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _obey_parent_sigterm(parent: int) -> None:
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # the default action: the worker ends by SIGTERM
+
+
 def collate(samples: list | Batch):
     """A Batch a dataset gathered whole (``Tensors.__getitems__``) as it is; a list of samples collated."""
     return samples if isinstance(samples, Batch) else default_collate(samples)
@@ -47,7 +71,8 @@ def loaders(train: Dataset, val: Dataset | None, cfg: DataConfig, env: Env, seed
     pin = env.device.type == "cuda"
     # A generator of its own keeps each new iterator from drawing on the global RNG (resume stays exact).
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin, collate_fn=collate,
-                  generator=torch.Generator(), persistent_workers=cfg.num_workers > 0)
+                  generator=torch.Generator(), persistent_workers=cfg.num_workers > 0,
+                  worker_init_fn=ignore_stop_signals if cfg.num_workers > 0 else None)
     train_loader = DataLoader(train, sampler=sampler, drop_last=cfg.drop_last, **common)
     val_loader = None
     if val is not None and len(val):

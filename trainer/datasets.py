@@ -136,6 +136,12 @@ def _read_columns(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".csv":
             table = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64, encoding="utf-8")
             table = np.atleast_1d(table)
+            for name in table.dtype.names:  # genfromtxt reads a text or empty cell as NaN
+                bad = np.flatnonzero(np.isnan(table[name]))
+                if len(bad):
+                    raise ConfigError("path", f"{path}: column {name!r}, data row {bad[0] + 1} is not a number "
+                                      f"({len(bad)} such cell{'s' if len(bad) > 1 else ''} in that column)",
+                                      suggestion="every cell of a CSV must be a number; encode classes as integers")
             return {name: torch.from_numpy(np.ascontiguousarray(table[name])) for name in table.dtype.names}
     except ConfigError:
         raise

@@ -10,6 +10,14 @@ from torch import nn
 from tqdm import tqdm
 
 
+MAX_HPARAM_TEXT = 256  # characters of one HParams value; the whole config is in the "config" text entry
+
+
+def shorten(text: str, limit: int = MAX_HPARAM_TEXT) -> str:
+    """``text`` cut to ``limit`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class RunLog:
     """TensorBoard scalars, text, histograms, graph and hparams, plus the progress bar.
 
@@ -61,7 +69,7 @@ class RunLog:
         if self.writer is None:
             return
         from torch.utils.tensorboard.summary import hparams
-        plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+        plain = {k: v if isinstance(v, (bool, int, float)) else shorten(str(v)) for k, v in params.items()}
         # metrics name scalar tags this run already logs; the HParams tab shows their last values
         for summary in hparams(plain, metrics):
             self.writer._get_file_writer().add_summary(summary)

@@ -40,11 +40,15 @@ class FitResult:
 class NonFiniteLoss(RuntimeError):
     """The loss (or, after a non-finite gradient, the weights) went NaN or infinite; the last good checkpoint is kept."""
 
-    def __init__(self, step: int, value: float, what: str = "the loss is"):
+    def __init__(self, step: int, value: float, what: str = "the loss is", *, kept: bool = True,
+                 skipping: bool = False, skipped: int = 0):
         self.step, self.value, self.diagnosis = step, value, None
         where = "at" if what == "the loss is" else "by"
-        super().__init__(f"{what} {value} {where} step {step}; stopped, the last good checkpoint is kept "
-                         "(set train.skip_nonfinite: true to skip such steps instead)")
+        head = (f"every one of the {skipped} steps up to step {step} had a non-finite loss and was skipped, so "
+                "nothing trains" if skipped else f"{what} {value} {where} step {step}")
+        tail = "the last good checkpoint is kept" if kept else "no checkpoint had been saved yet"
+        hint = "" if skipping else " (set train.skip_nonfinite: true to skip such steps instead)"
+        super().__init__(f"{head}; stopped, {tail}{hint}")
 
     def __str__(self) -> str:
         return super().__str__() + (f"; {self.diagnosis}" if self.diagnosis else "")
@@ -56,6 +60,14 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
+
+
+class InterruptedTwice(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM arrived before the first one's checkpoint was saved: stopped at once."""
+
+    def __init__(self, signum: int, first: int):
+        self.signum, self.first = signum, first
+        super().__init__(f"interrupted twice by {signal.Signals(signum).name}; stopped without saving")
 
 
 NULL = contextlib.nullcontext()  # reusable: entering it does nothing
@@ -275,10 +287,11 @@ class Trainer:
             finite = torch.isfinite(losses)
             if not self.cfg.train.skip_nonfinite:
                 bad = int((~finite).nonzero()[0])
-                raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
+                raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]), kept=self._saved_at >= 0)
             total, count = float(losses[finite].sum(dtype=torch.float64)), int(finite.sum())
         if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise NonFiniteLoss(self.step, float("nan"), what="the weights are")
+            raise NonFiniteLoss(self.step, float("nan"), what="the weights are", kept=self._saved_at >= 0,
+                                skipping=self.cfg.train.skip_nonfinite)
         return total, count
 
     def log_train(self) -> None:
@@ -286,6 +299,9 @@ class Trainer:
         if not self._window:
             return
         total, count = self.check_finite()
+        if count == 0:  # train.skip_nonfinite skipped every step of this log window
+            raise NonFiniteLoss(self.step, float("nan"), kept=self._saved_at >= 0, skipping=True,
+                                skipped=len(self._window))
         self._window = []
         if self.env.distributed:
             total, count = distributed.all_sum(torch.tensor([total, count], dtype=torch.float64, device=self.device),
@@ -401,7 +417,7 @@ class Trainer:
 
         def handler(signum, frame):
             if self._signal is not None:
-                raise KeyboardInterrupt
+                raise InterruptedTwice(signum, self._signal)
             self._signal = signum
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

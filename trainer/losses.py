@@ -14,7 +14,8 @@ register = REGISTRY.register
 get = REGISTRY.get
 names = REGISTRY.names
 
-Reduction = Literal["mean", "sum", "none"]
+# no "none": a training step backpropagates one number, not one loss per sample
+Reduction = Literal["mean", "sum"]
 
 
 @register("mse")
@@ -43,7 +44,7 @@ def cross_entropy(weight: list[float] | None = None, ignore_index: int = -100, l
         weight: one weight per class (null: all 1).
         ignore_index: a target value whose rows add nothing to the loss or its gradient.
         label_smoothing: in [0, 1]; mixes the target with the uniform distribution.
-        reduction: mean (over the weights of the rows kept), sum or none.
+        reduction: mean (over the weights of the rows kept) or sum.
     """
     if not 0.0 <= label_smoothing <= 1.0:
         raise ConfigError("label_smoothing", f"must be in [0, 1], got {label_smoothing}")

@@ -24,6 +24,18 @@ def _every(scheduler, interval: str):
     return scheduler
 
 
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(name, f"must be positive, got {value}")
+
+
+def _not_negative(**values: float) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ConfigError(name, f"must be 0 or more, got {value}")
+
+
 def _length(total_steps: int | None, name: str) -> int:
     if total_steps is None:
         raise ConfigError("name", f"{name} needs to know the run's length",
@@ -35,6 +47,9 @@ def _length(total_steps: int | None, name: str) -> int:
 def step(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
          step_size: int = 30, gamma: float = 0.1):
     """Multiply the LR by ``gamma`` every ``step_size`` epochs."""
+    if step_size < 1:
+        raise ConfigError("step_size", f"must be at least 1 (epochs), got {step_size}")
+    _positive(gamma=gamma)
     return _every(lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
 
 
@@ -42,6 +57,10 @@ def step(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_ep
 def multistep(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
               milestones: list[int] = (30, 60), gamma: float = 0.1):
     """Multiply the LR by ``gamma`` at each epoch in ``milestones``."""
+    for i, m in enumerate(milestones):
+        if m < 1:
+            raise ConfigError(f"milestones[{i}]", f"must be at least 1 (an epoch), got {m}")
+    _positive(gamma=gamma)
     return _every(lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma), "epoch")
 
 
@@ -50,8 +69,11 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_
            warmup_steps: int = 0, min_lr: float = 0.0):
     """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr`` at the last step; per step."""
     total = _length(total_steps, "cosine")
-    if warmup_steps < 0:
-        raise ConfigError("warmup_steps", f"must be 0 or more, got {warmup_steps}")
+    _not_negative(warmup_steps=warmup_steps, min_lr=min_lr)
+    for g in optimizer.param_groups:
+        if min_lr > g["lr"]:
+            raise ConfigError("min_lr", f"{min_lr} is above the optimizer's lr {g['lr']}: the LR would rise",
+                              suggestion="set min_lr at or below optimizer.lr")
 
     def factor(base: float):
         def f(i: int) -> float:
@@ -70,6 +92,9 @@ def onecycle(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_pe
              div_factor: float = 25.0, final_div_factor: float = 1e4):
     """The 1cycle policy over the whole run; per step."""
     total = _length(total_steps, "onecycle")
+    _positive(max_lr=max_lr, div_factor=div_factor, final_div_factor=final_div_factor)
+    if not 0 < pct_start < 1:
+        raise ConfigError("pct_start", f"must be in (0, 1), got {pct_start}")
     return _every(lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start,
                                           anneal_strategy=anneal_strategy, div_factor=div_factor,
                                           final_div_factor=final_div_factor), "step")
@@ -77,13 +102,15 @@ def onecycle(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_pe
 
 @register("plateau")
 def plateau(optimizer: torch.optim.Optimizer, total_steps: int | None, steps_per_epoch: int,
-            monitor: Literal["val/loss", "train/loss"] = "val/loss", mode: Literal["min", "max"] = "min",
+            monitor: Literal["val/loss"] = "val/loss", mode: Literal["min", "max"] = "min",
             factor: float = 0.1, patience: int = 10, threshold: float = 1e-4, min_lr: float = 0.0):
-    """Cut the LR by ``factor`` when ``monitor`` stalls for ``patience`` checks.
+    """Cut the LR by ``factor`` when ``monitor`` (``val/loss``, the one choice) stalls for ``patience`` checks.
 
-    Stepped after each validation for ``val/loss``, at each epoch end for ``train/loss``
-    (that epoch's mean).
+    Stepped after each validation.
     """
+    if not 0 < factor < 1:
+        raise ConfigError("factor", f"must be in (0, 1), got {factor}", suggestion="e.g. 0.1")
+    _not_negative(patience=patience, threshold=threshold, min_lr=min_lr)
     s = lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience,
                                        threshold=threshold, min_lr=min_lr)
     s.monitor = monitor
