@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -103,8 +104,30 @@ def build(cfg: Config) -> Parts:
         raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
                           suggestion="set layers.default: custom, or name layers under layers:")
     check_fit(model, loss, train_set, device, t.monitor)
+    if env.main:
+        for name in unused_layer_entries(cfg, model, loss):
+            print(f"warning: layers.{name}: {cfg.model.name} and {cfg.loss.name} have no {name} layer, so this entry "
+                  "swaps nothing", file=sys.stderr)
     return Parts(cfg, env, device, model, loss, optimizer, scheduler, train_set, val_set, train_loader, sampler,
                  val_loader, batches_per_epoch, steps_per_epoch, total_steps, autocast, scaler)
+
+
+def unused_layer_entries(cfg: Config, *modules: Any) -> list[str]:
+    """The ``layers:`` entries (other than ``default``) naming a layer that ``modules`` do not contain."""
+    present = {info[0] for module in modules if isinstance(module, nn.Module) for m in module.modules()
+               if (info := layers.impl_of(m)) is not None}
+    return [name for name in cfg.layers if name != "default" and name not in present]
+
+
+def swapped_layers(cfg: Config) -> list[str]:
+    """``0.relu -> CustomReLU``-style entries: where ``cfg`` runs a custom twin (model, then ``loss``)."""
+    seed_everything(cfg.seed)
+    out = []
+    for prefix, module in (("", build_model(cfg)), ("loss", build_loss(cfg))):
+        for name, m in module.named_modules():
+            if (info := layers.impl_of(m)) is not None and info[1] == "custom":
+                out.append(f"{'.'.join(p for p in (prefix, name) if p) or 'model'} -> {type(m).__name__}")
+    return out
 
 
 def call(section: str, comp: Component, *args: Any, **injected: Any) -> Any:

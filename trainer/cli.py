@@ -12,7 +12,17 @@ from trainer import __version__
 from trainer.check.report import table
 from trainer.errors import ConfigError
 
-EXAMPLES = "examples: trainer run configs/quickstart.yaml optimizer.lr=0.1 | trainer layers | trainer gradcheck relu"
+EXAMPLES = """examples:
+  trainer run configs/quickstart.yaml optimizer.lr=0.1
+  trainer run configs/classification.yaml --sweep optimizer.lr=0.1,0.01
+  trainer run --resume runs/quickstart/version_0 train.max_epochs=20
+  trainer config configs/quickstart.yaml layers.default=custom
+  trainer compare configs/quickstart.yaml layers.default=custom
+  trainer layers
+  trainer gradcheck relu
+
+reference: docs/cli.md"""
+OVERRIDES = "dotted key=value overrides, applied after the file, e.g. optimizer.lr=0.1 train.max_epochs=3"
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,24 +56,68 @@ def sweep_overrides(sweep: Sequence[str]) -> list[list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume and args.sweep:
+        raise ConfigError("--resume", "cannot be combined with --sweep", suggestion="resume one run at a time")
+    if args.config is not None and "=" in args.config and not os.path.exists(args.config):
+        args.config, args.overrides = None, [args.config, *args.overrides]  # `run --resume DIR key=value`
+    if args.resume:
+        return resume_run(args)
+    if args.config is None:
+        raise ConfigError("config", "no config file given",
+                          suggestion="trainer run CONFIG.yaml [key=value ...], or trainer run --resume RUN_DIR")
     from trainer import Trainer  # with shadow mode and NaN diagnosis attached
     from trainer.build import build
     from trainer.config import load_config
 
-    if args.resume and args.sweep:
-        raise ConfigError("--resume", "cannot be combined with --sweep", suggestion="resume one run at a time")
-    configs = [load_config(args.config, [*args.overrides, *combo]) for combo in sweep_overrides(args.sweep)]
+    combos = sweep_overrides(args.sweep)
+    configs = [load_config(args.config, [*args.overrides, *combo]) for combo in combos]
     if len(configs) > 1:
         for cfg in configs:  # build every combination once before any run writes anything
             build(cfg)
-    for cfg in configs:
-        trainer = Trainer(cfg, resume=args.resume)
-        result = trainer.fit()
-        if trainer.env.main:
-            shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items()))
-            early = "  (stopped early)" if result.stopped_early else ""
-            print(f"{result.run_dir}  step={result.step}  {shown}{early}", flush=True)
+    for cfg, combo in zip(configs, combos):
+        Trainer(cfg, report=True, label=" ".join(combo)).fit()
     return 0
+
+
+def resume_run(args: argparse.Namespace) -> int:
+    """``run --resume RUN_DIR``: the run's own config.yaml (a config given too must agree), plus overrides."""
+    from pathlib import Path
+
+    from trainer import Trainer
+    from trainer.config import load_config
+    from trainer.logs import flatten
+
+    saved = Path(args.resume) / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("--resume", f"{args.resume} holds no config.yaml, so it is not a run directory",
+                          suggestion="give a folder that trainer run printed, e.g. runs/quickstart/version_0")
+    cfg = load_config(saved, args.overrides)
+    if args.config is not None:
+        given = flatten(load_config(args.config, args.overrides).to_dict())
+        ours = flatten(cfg.to_dict())
+        differ = [k for k in {**ours, **given} if ours.get(k, "<unset>") != given.get(k, "<unset>")]
+        if differ:
+            raise ConfigError("config", f"{args.config} differs from the run's config.yaml in {', '.join(differ)}",
+                              suggestion=f"leave the config out ({console_resume(args.resume)}) "
+                                         "and change keys with key=value")
+    Trainer(cfg, resume=args.resume, report=True).fit()
+    return 0
+
+
+def console_resume(run_dir) -> str:
+    from trainer.console import resume_command
+
+    return resume_command(run_dir)
+
+
+def how_to_go_on(e: BaseException) -> str:
+    """``; run directory D; to resume: trainer run --resume D`` for an error that stopped a run with a checkpoint."""
+    from pathlib import Path
+
+    run_dir = getattr(e, "run_dir", None)
+    if run_dir is None or not any(Path(run_dir, "checkpoints").glob("*.pt")):
+        return ""
+    return f" [run directory {run_dir}; to resume: {console_resume(run_dir)}]"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -100,9 +154,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from trainer.build import swapped_layers
     from trainer.config import load_config
 
-    sys.stdout.write(load_config(args.config, args.overrides).to_yaml())
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(cfg.to_yaml())
+    swapped = swapped_layers(cfg)  # builds the model and the loss only: no data, nothing written
+    # a YAML comment, so stdout stays a config that loads as it is
+    sys.stdout.write("# layers swapped to custom: " + (", ".join(swapped) if swapped else "none") + "\n")
     return 0
 
 
@@ -160,26 +219,28 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The top-level parser (for help) and each command's parser."""
     p = Parser(prog="trainer", description="Config-driven PyTorch training with hand-written autograd twins.",
-               epilog=EXAMPLES)
+               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="train; writes <log.dir>/<name>/version_<N>/")
-    run.add_argument("config", help="a YAML config file")
-    run.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=0.1")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue that run from its last checkpoint, in place")
+    run.add_argument("config", nargs="?", help="a YAML config file (optional with --resume: the run's config.yaml)")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES + "; with --resume, recorded in the run directory")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue that run from its last checkpoint, in place; a finished run trains on only "
+                          "if an override raises train.max_epochs or train.max_steps")
     run.add_argument("--sweep", nargs="+", default=[], metavar="KEY=V1,V2",
                      help="one run per combination of the listed values (cartesian product)")
     run.set_defaults(fn=cmd_run)
     cmp = sub.add_parser("compare", help="native vs custom gradients on the config's model and data")
-    cmp.add_argument("config")
-    cmp.add_argument("overrides", nargs="*")
+    cmp.add_argument("config", help="a YAML config file: its model, loss and data are compared")
+    cmp.add_argument("overrides", nargs="*", help=OVERRIDES + ", e.g. layers.default=custom")
     cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
     cmp.add_argument("--steps", type=int, metavar="N",
                      help="lockstep: train native and custom side by side for N steps, logging their divergence")
     cmp.set_defaults(fn=cmd_compare)
-    cfg = sub.add_parser("config", help="print the fully resolved config as YAML")
-    cfg.add_argument("config")
-    cfg.add_argument("overrides", nargs="*")
+    cfg = sub.add_parser("config", help="print the fully resolved config as YAML, and which layers it swaps")
+    cfg.add_argument("config", help="a YAML config file")
+    cfg.add_argument("overrides", nargs="*", help=OVERRIDES)
     cfg.set_defaults(fn=cmd_config)
     lay = sub.add_parser("layers", help="the layer registry as a table")
     lay.add_argument("--imports", nargs="+", default=[], metavar="MODULE", help="modules that register layers")
@@ -240,6 +301,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = top.parse_args(argv)
+    if args.fn is cmd_run and args.config is None and not args.resume:  # before torch loads, like argparse's own
+        commands["run"].error("the following arguments are required: config (or --resume RUN_DIR)")
     from trainer.loop import Interrupted, InterruptedTwice, NonFiniteLoss
 
     try:
@@ -249,16 +312,16 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         return 2
     except NonFiniteLoss as e:
         ignore_signals()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{how_to_go_on(e)}", file=sys.stderr)
         return 1
     except Interrupted as e:
         ignore_signals()
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{how_to_go_on(e)}", file=sys.stderr)
         return 128 + e.signum
     except InterruptedTwice as e:
         ignore_signals()
         print(f"error: interrupted twice ({signal.Signals(e.signum).name} after "
-              f"{signal.Signals(e.first).name}); stopped without saving", file=sys.stderr)
+              f"{signal.Signals(e.first).name}); stopped without saving{how_to_go_on(e)}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt as e:  # raised by user code, not by a signal the command handled
         if isinstance(e, Stopped):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -89,4 +90,23 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(value, f"{path}."))
         else:
             out[path] = value
+    return out
+
+
+def hparams_first(params: dict[str, Any], first: Sequence[str] = ()) -> dict[str, Any]:
+    """The HParams tab's columns: ``first`` (a sweep's keys), then every key the config sets.
+
+    A key still at its built-in default is left out (the whole config is in the "config"
+    text entry), so the tab opens on what varies between runs, not on ~60 unset options.
+    """
+    import dataclasses
+
+    from trainer.config import CompareConfig, DataConfig, LogConfig, TrainConfig
+
+    data = {k: v for k, v in dataclasses.asdict(DataConfig("")).items() if k not in ("name", "kwargs")}
+    defaults = flatten({"seed": 0, "imports": [], "layers": {"default": "native"}, "scheduler": None, "data": data,
+                        "train": dataclasses.asdict(TrainConfig()), "log": dataclasses.asdict(LogConfig()),
+                        "compare": dataclasses.asdict(CompareConfig())})
+    out = {k: params[k] for k in first if k in params}
+    out.update((k, v) for k, v in params.items() if k not in out and (k not in defaults or defaults[k] != v))
     return out

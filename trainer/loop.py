@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint, distributed
+from trainer import checkpoint, console, distributed
 from trainer.build import build, seed_everything  # noqa: F401  (seed_everything: also the loop's public name)
 from trainer.callbacks import Callback, built_in
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
-from trainer.logs import RunLog, flatten
+from trainer.logs import RunLog, flatten, hparams_first
 from trainer.monitor import Monitor
 
 
@@ -35,6 +35,11 @@ class FitResult:
     step: int = 0
     epoch: int = 0
     stopped_early: bool = False
+    reason: str = ""                # why it stopped: max_steps, max_epochs, early stopping, already finished
+    seconds: float = 0.0            # wall time of this fit() call
+    monitor: str | None = None      # train.monitor, and its best value and checkpoint
+    best: float | None = None
+    best_path: Path | None = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,7 +47,7 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, step: int, value: float, what: str = "the loss is", *, kept: bool = True,
                  skipping: bool = False, skipped: int = 0):
-        self.step, self.value, self.diagnosis = step, value, None
+        self.step, self.value, self.diagnosis, self.kept = step, value, None, kept
         where = "at" if what == "the loss is" else "by"
         head = (f"every one of the {skipped} steps up to step {step} had a non-finite loss and was skipped, so "
                 "nothing trains" if skipped else f"{what} {value} {where} step {step}")
@@ -83,6 +88,18 @@ def grad_norm(model: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
+def first_difference(saved: dict[str, Any], model: dict[str, Any]) -> str | None:
+    """The first parameter that a checkpoint's model and this model disagree on, in words."""
+    for name, tensor in model.items():
+        if name not in saved:
+            return f"parameter {name} {list(tensor.shape)} is not in the checkpoint"
+        if saved[name].shape != tensor.shape:
+            return (f"parameter {name} is {list(saved[name].shape)} in the checkpoint, "
+                    f"{list(tensor.shape)} in this model")
+    extra = next((name for name in saved if name not in model), None)
+    return f"the checkpoint has parameter {extra}, which this model lacks" if extra else None
+
+
 class Trainer:
     """Trains the model a config describes.
 
@@ -96,10 +113,14 @@ class Trainer:
         resume: a run directory to continue from its newest good checkpoint, in place.
         callbacks: per-step work of your own (``trainer.Callback``), run in order after the
             built-in ones the config asks for (shadow mode, NaN diagnosis).
+        report: print the run directory at the start, a progress line every ``log.every`` steps
+            when no bar is shown, and a summary at the end (``trainer run`` does; rank 0 only).
+        label: shown on those lines, e.g. a sweep's values ``optimizer.lr=0.1``; its keys lead
+            the TensorBoard hparams.
     """
 
     def __init__(self, cfg: Config | dict | str | PathLike, *, resume: str | PathLike | None = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (), report: bool = False, label: str = ""):
         self.cfg = cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
         t = cfg.train
         parts = build(cfg)  # builds and checks everything the config names; writes nothing
@@ -128,6 +149,7 @@ class Trainer:
         self.stopped_early = False
         self._clock = time.perf_counter()  # restarted when fit() starts
         self.callbacks: list[Callback] = [*built_in(self), *callbacks]
+        self.report, self.label = report and self.env.main, label
         if resume is not None:
             self.run_dir = Path(resume)
             self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints)
@@ -174,12 +196,25 @@ class Trainer:
         """Train until ``train.max_steps``, ``train.max_epochs`` or early stopping; validate, log, checkpoint."""
         cfg, env = self.cfg, self.env
         fresh = self.run_dir is None
+        started = time.perf_counter()
+        if not fresh and self.finished():  # nothing to train: write nothing, say so
+            if self.report:
+                console.say(f"run {self.run_dir} already finished at step {self.step} ({self.stop_reason()}); "
+                            "nothing to do (raise train.max_epochs or train.max_steps to train on, e.g. "
+                            f"{console.resume_command(self.run_dir)} train.max_epochs={self.epoch + 10})")
+            return self.result(started, "already finished")
         if fresh:
             made = str(checkpoint.create_run_dir(cfg.log.dir, cfg.name)) if env.main else None
             self.run_dir = Path(distributed.broadcast(made, env))
             self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints)
             if env.main:
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        elif env.main:
+            self.record_resume()
+        if self.report:
+            console.say(console.start_line(self.run_dir, self.label))
+            if not fresh:
+                console.say(f"resuming from step {self.step} (epoch {self.epoch})")
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
                           enabled=env.main)
         if fresh:
@@ -196,15 +231,53 @@ class Trainer:
                 self.finish()
         except BaseException as e:
             self.log.close()
+            if isinstance(e, (Interrupted, InterruptedTwice, NonFiniteLoss)):
+                e.run_dir = self.run_dir  # the CLI's message names it, with the command that resumes it
             for cb in self.callbacks:
                 cb.on_error(self, e)
             raise
         finally:
             self.log.close()
-        return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch, self.stopped_early)
+        result = self.result(started, self.stop_reason())
+        if self.report:
+            console.say(console.summary(result, self.label))
+        return result
+
+    def stop_reason(self) -> str:
+        t = self.cfg.train
+        if self.stopped_early:
+            return f"early stopping ({t.monitor} did not improve for {t.patience} checks)"
+        if t.max_steps and self.step >= t.max_steps:
+            return f"max_steps={t.max_steps}"
+        return f"max_epochs={t.max_epochs}"
+
+    def result(self, started: float, reason: str) -> FitResult:
+        best_path = self.run_dir / "checkpoints" / checkpoint.BEST if self.run_dir is not None else None
+        return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch, self.stopped_early, reason,
+                         time.perf_counter() - started, self.monitor.metric, self.monitor.best,
+                         best_path if best_path is not None and best_path.exists() else None)
+
+    def record_resume(self) -> None:
+        """Keys this resume changed go into ``config.yaml``; ``resumes.yaml`` keeps each resume (time, step, changes)."""
+        import datetime
+
+        import yaml
+
+        path = self.run_dir / "config.yaml"
+        old = flatten(yaml.safe_load(path.read_text())) if path.exists() else {}
+        new = flatten(self.cfg.to_dict())
+        changed = {k: v for k, v in new.items() if k not in old or old[k] != v}
+        history = self.run_dir / "resumes.yaml"
+        entries = (yaml.safe_load(history.read_text()) or []) if history.exists() else []
+        entries.append({"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                        "step": self.step, "overrides": changed})
+        history.write_text(yaml.safe_dump(entries, sort_keys=False))
+        path.write_text(self.cfg.to_yaml())
 
     def train_epoch(self) -> None:
         every = self.cfg.log.every
+        epochs = self.cfg.train.max_epochs
+        self.log.bar.set_description_str(f"epoch {self.epoch + 1}" + (f"/{epochs}" if epochs else ""), refresh=False)
         for group in self.batch_groups():
             for cb in self.callbacks:
                 cb.before_step(self)
@@ -268,7 +341,8 @@ class Trainer:
         if self.val_loader is not None and self._validated_at != self.step:
             self.validate()
         self.save()
-        self.log.hparams(flatten(self.cfg.to_dict()), self.metrics)
+        swept = [item.partition("=")[0] for item in self.label.split()]
+        self.log.hparams(hparams_first(flatten(self.cfg.to_dict()), swept), self.metrics)
         for cb in self.callbacks:
             cb.on_end(self)
 
@@ -317,6 +391,10 @@ class Trainer:
             values["train/skipped_steps"] = self._skipped
         self.log.scalars(self.step, values)
         self.log.progress(f"loss={mean:.4g}, lr={lr:.3g}, samples_per_s={speed:.0f}")
+        if self.report and self.log.bar.disable:  # off a terminal: a plain line instead of the bar
+            epoch = self.epoch if self.batch_in_epoch else self.epoch - 1  # at an epoch's end: that epoch
+            console.say(console.progress_line(self.step, self.total_steps, epoch, self.cfg.train.max_epochs,
+                                              mean, lr, speed))
         self.metrics["train/loss"] = mean
         self.watch({"train/loss": mean})
 
@@ -391,7 +469,8 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise ConfigError("--resume", f"the checkpoint does not fit this config: {str(e).strip().splitlines()[0]}",
+            why = first_difference(state.get("model", {}), self.model.state_dict()) or str(e).strip().splitlines()[0]
+            raise ConfigError("--resume", f"the checkpoint does not fit this config: {why}",
                               suggestion="resume with the config the run was started with (its config.yaml)") from None
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -401,6 +480,7 @@ class Trainer:
         self.metrics = dict(state.get("metrics", {}))
         self._rng = state["rng"]
         self._saved_at = self.step
+        self.stopped_early = self.monitor.exhausted  # an early-stopped run stays finished
 
     # --- helpers --------------------------------------------------------------------------
 
