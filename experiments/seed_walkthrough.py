@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
+import argparse
 import inspect
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ def step1_plain_loop(logdir: str) -> None:
     result = trainer.fit()
     print(f"val/loss before training: {before:.4f}; after {result.step} steps: {result.metrics['val/loss']:.4f}")
     print(f"learned weight[:3] = {trainer.model.weight[0, :3].tolist()}")
-    print(f"run directory: {result.run_dir}  (tensorboard --logdir {logdir})")
+    print(f"run directory: {result.run_dir}  (watch: tensorboard --logdir {result.run_dir})")
 
 
 def step2_saved_tensors() -> None:
@@ -75,8 +75,9 @@ def step3_custom_relu() -> None:
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as logdir:
-        step1_plain_loop(logdir)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--logdir", default="runs", help="where step 1's run goes (default: runs, beside the other runs)")
+    step1_plain_loop(p.parse_args().logdir)
     step2_saved_tensors()
     step3_custom_relu()
 

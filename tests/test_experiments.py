@@ -24,12 +24,14 @@ def test_custom_relu_experiment_finds_the_tutorial_bug_at_zero():
 
 
 @pytest.mark.slow
-def test_seed_walkthrough_runs_its_three_steps():
-    proc = script("seed_walkthrough.py")
+def test_seed_walkthrough_runs_its_three_steps(tmp_path):
+    proc = script("seed_walkthrough.py", "--logdir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     for step in ("Step 1", "Step 2", "Step 3"):
         assert step in proc.stdout
     assert "ReLUFunctionBackward" in proc.stdout and "largest weight difference after 100 steps" in proc.stdout
+    run_dir = tmp_path / "quickstart" / "version_0"  # left where the printed line says, to open in TensorBoard
+    assert f"run directory: {run_dir}" in proc.stdout and (run_dir / "checkpoints" / "last.pt").exists()
 
 
 @pytest.mark.slow

@@ -162,3 +162,18 @@ def test_top_level_examples_are_one_per_line():
     proc = run_cli("--help")
     examples = proc.stdout.split("examples:\n", 1)[1].split("\n\n")[0].splitlines()
     assert all(line.startswith("  trainer ") and len(line) <= 100 for line in examples) and len(examples) >= 5
+
+
+def test_a_count_below_one_suggests_null_only_where_null_is_accepted(tmp_path):
+    proc = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "data.batch_size=0")
+    assert proc.returncode == 2 and "null" not in proc.stderr and "use 1 or more" in proc.stderr
+    proc = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "data.batch_size=null")
+    assert proc.returncode == 2  # refused, so never suggested
+    proc = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "train.max_steps=0")
+    assert proc.returncode == 2 and "or null to turn it off" in proc.stderr
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_each_shipped_config_writes_to_a_run_directory_named_like_it():
+    for path in (QUICKSTART.parent).glob("*.yaml"):
+        assert yaml.safe_load(path.read_text())["name"] == path.stem, path

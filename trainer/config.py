@@ -136,6 +136,8 @@ REQUIRED = ("model", "loss", "optimizer", "data")
 PRECISIONS = ("32", "bf16", "16")
 MONITORS = ("val/loss", "val/accuracy", "train/loss")
 MAX_INT = 2**63 - 1
+NULLABLE = ("train.max_epochs", "train.max_steps", "train.val_every", "train.checkpoint_every", "train.patience",
+            "log.histograms_every", "compare.every")  # the counts whose null means "no limit" or "never"
 MAX_NAME = 100  # characters: <name>-lockstep/version_<N> stays well inside a file name's 255 bytes
 
 
@@ -278,7 +280,8 @@ def validate(cfg: Config) -> None:
                         ("log.every", log.every), ("log.histograms_every", log.histograms_every),
                         ("compare.batches", cfg.compare.batches), ("compare.every", cfg.compare.every)]:
         if value is not None and value < 1:
-            raise ConfigError(path, f"must be at least 1, got {value}", suggestion="use null for no limit where allowed")
+            raise ConfigError(path, f"must be at least 1, got {value}",
+                              suggestion="use 1 or more, or null to turn it off" if path in NULLABLE else "use 1 or more")
     for path, tol in [("compare.rtol", cfg.compare.rtol), ("compare.atol", cfg.compare.atol)]:
         if tol is not None and not tol >= 0:
             raise ConfigError(path, f"must be 0 or more, got {tol}", suggestion="use null for the dtype's default")
