@@ -120,6 +120,8 @@ def test_nan_through_a_user_layer_stops_naming_the_step_and_the_layer(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: the weights are nan by step 4;") and len(err.splitlines()) == 1
     assert "layer 0 (poisoned, custom) got a non-finite grad for weight at step 4" in err
+    assert err.endswith(f"[run directory {tmp_path / 'nan' / 'version_0'}; "
+                        f"to resume: trainer run --resume {tmp_path / 'nan' / 'version_0'}]")
     ckpts = tmp_path / "nan" / "version_0" / "checkpoints"
     state = torch.load(ckpts / "last.pt", weights_only=True)  # the last good one
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -138,7 +140,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused(tmp_path, capsys):
 
 def test_resume_with_a_different_model_is_a_config_error(tmp_path, capsys):
     run = Trainer(load_config(QUICKSTART, [f"log.dir={tmp_path}", "train.max_steps=2"])).fit()
-    assert main(["run", str(QUICKSTART), "--resume", str(run.run_dir), "model.name=mlp"]) == 2
+    assert main(["run", "--resume", str(run.run_dir), "model.name=mlp"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --resume: the checkpoint does not fit this config") and "config.yaml" in err
 
@@ -159,7 +161,8 @@ def test_early_stopping_and_best_checkpoint(tmp_path, capsys):
                  "train.min_delta=1000"]  # nothing after the first check counts as an improvement
     assert main(["run", str(QUICKSTART), *overrides]) == 0
     out = capsys.readouterr().out
-    assert "step=39" in out and out.rstrip().endswith("(stopped early)")  # 3 validations, one per epoch
+    # 3 validations, one per epoch
+    assert "  stopped: early stopping (val/loss did not improve for 2 checks) at step 39, epoch 3" in out
     ckpts = tmp_path / "quickstart" / "version_0" / "checkpoints"
     assert torch.load(ckpts / "best.pt", weights_only=True)["step"] == 13
     assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 39

@@ -53,7 +53,8 @@ def test_a_signal_to_the_process_group_finishes_the_step_saves_and_exits_with_it
     os.killpg(proc.pid, sig)  # every process of the group, DataLoader workers included
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
-    assert err.strip() == f"error: interrupted by {sig.name}; checkpoint saved", err
+    assert err.strip() == (f"error: interrupted by {sig.name}; checkpoint saved [run directory {run_dir}; "
+                           f"to resume: trainer run --resume {run_dir}]"), err
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["step"] == newest_step(run_dir) > before  # saved at the stop step, not at an epoch end
 

@@ -22,7 +22,7 @@ EXAMPLES = """examples:
   trainer gradcheck relu
 
 reference: docs/cli.md"""
-OVERRIDES = "dotted key=value overrides, applied after the file, e.g. optimizer.lr=0.1 train.max_epochs=3"
+OVERRIDES = "dotted key=value overrides, applied after the file"
 
 
 class Parser(argparse.ArgumentParser):
@@ -88,11 +88,11 @@ def resume_run(args: argparse.Namespace) -> int:
     from trainer.logs import flatten
 
     saved = Path(args.resume) / "config.yaml"
-    if not saved.is_file():
+    if not saved.is_file() and args.config is None:
         raise ConfigError("--resume", f"{args.resume} holds no config.yaml, so it is not a run directory",
-                          suggestion="give a folder that trainer run printed, e.g. runs/quickstart/version_0")
-    cfg = load_config(saved, args.overrides)
-    if args.config is not None:
+                          suggestion="pass a folder trainer run printed, runs/<name>/version_<N>")
+    cfg = load_config(saved if saved.is_file() else args.config, args.overrides)
+    if args.config is not None and saved.is_file():
         given = flatten(load_config(args.config, args.overrides).to_dict())
         ours = flatten(cfg.to_dict())
         differ = [k for k in {**ours, **given} if ours.get(k, "<unset>") != given.get(k, "<unset>")]
@@ -224,7 +224,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="train; writes <log.dir>/<name>/version_<N>/")
     run.add_argument("config", nargs="?", help="a YAML config file (optional with --resume: the run's config.yaml)")
-    run.add_argument("overrides", nargs="*", help=OVERRIDES + "; with --resume, recorded in the run directory")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES + ", e.g. optimizer.lr=0.1 train.max_epochs=3; with --resume, "
+                     "recorded in the run directory (config.yaml, resumes.yaml)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue that run from its last checkpoint, in place; a finished run trains on only "
                           "if an override raises train.max_epochs or train.max_steps")
@@ -240,7 +241,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     cmp.set_defaults(fn=cmd_compare)
     cfg = sub.add_parser("config", help="print the fully resolved config as YAML, and which layers it swaps")
     cfg.add_argument("config", help="a YAML config file")
-    cfg.add_argument("overrides", nargs="*", help=OVERRIDES)
+    cfg.add_argument("overrides", nargs="*", help=OVERRIDES + ", e.g. layers.default=custom")
     cfg.set_defaults(fn=cmd_config)
     lay = sub.add_parser("layers", help="the layer registry as a table")
     lay.add_argument("--imports", nargs="+", default=[], metavar="MODULE", help="modules that register layers")

@@ -199,9 +199,12 @@ class Trainer:
         started = time.perf_counter()
         if not fresh and self.finished():  # nothing to train: write nothing, say so
             if self.report:
+                t = self.cfg.train
+                limit = (f"train.max_steps={2 * self.step}" if t.max_steps and self.step >= t.max_steps
+                         else f"train.max_epochs={self.epoch + 10}")
                 console.say(f"run {self.run_dir} already finished at step {self.step} ({self.stop_reason()}); "
                             "nothing to do (raise train.max_epochs or train.max_steps to train on, e.g. "
-                            f"{console.resume_command(self.run_dir)} train.max_epochs={self.epoch + 10})")
+                            f"{console.resume_command(self.run_dir)} {limit})")
             return self.result(started, "already finished")
         if fresh:
             made = str(checkpoint.create_run_dir(cfg.log.dir, cfg.name)) if env.main else None
