@@ -177,3 +177,10 @@ def test_a_count_below_one_suggests_null_only_where_null_is_accepted(tmp_path):
 def test_each_shipped_config_writes_to_a_run_directory_named_like_it():
     for path in (QUICKSTART.parent).glob("*.yaml"):
         assert yaml.safe_load(path.read_text())["name"] == path.stem, path
+
+
+def test_a_sweep_warns_about_a_no_op_layers_entry_once(tmp_path):
+    proc = run_cli("run", str(QUICKSTART), f"log.dir={tmp_path}", "train.max_steps=1", "layers.relu=custom",
+                   "--sweep", "optimizer.lr=0.1,0.01")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning: layers.relu:") == 1

@@ -104,12 +104,17 @@ def build(cfg: Config) -> Parts:
         raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
                           suggestion="set layers.default: custom, or name layers under layers:")
     check_fit(model, loss, train_set, device, t.monitor)
-    if env.main:
-        for name in unused_layer_entries(cfg, model, loss):
-            print(f"warning: layers.{name}: {cfg.model.name} and {cfg.loss.name} have no {name} layer, so this entry "
-                  "swaps nothing", file=sys.stderr)
+    for name in unused_layer_entries(cfg, model, loss):
+        warning = (f"warning: layers.{name}: {cfg.model.name} and {cfg.loss.name} have no {name} layer, so this entry "
+                   "swaps nothing")
+        if env.main and warning not in WARNED:  # once, however often a sweep or a check builds the config
+            WARNED.add(warning)
+            print(warning, file=sys.stderr)
     return Parts(cfg, env, device, model, loss, optimizer, scheduler, train_set, val_set, train_loader, sampler,
                  val_loader, batches_per_epoch, steps_per_epoch, total_steps, autocast, scaler)
+
+
+WARNED: set[str] = set()  # warnings this process already printed
 
 
 def unused_layer_entries(cfg: Config, *modules: Any) -> list[str]:

@@ -158,8 +158,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(cfg.to_yaml())
     swapped = swapped_layers(cfg)  # builds the model and the loss only: no data, nothing written
+    sys.stdout.write(cfg.to_yaml())
     # a YAML comment, so stdout stays a config that loads as it is
     sys.stdout.write("# layers swapped to custom: " + (", ".join(swapped) if swapped else "none") + "\n")
     return 0
