@@ -224,8 +224,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="train; writes <log.dir>/<name>/version_<N>/")
     run.add_argument("config", nargs="?", help="a YAML config file (optional with --resume: the run's config.yaml)")
-    run.add_argument("overrides", nargs="*", help=OVERRIDES + ", e.g. optimizer.lr=0.1 train.max_epochs=3; with --resume, "
-                     "recorded in the run directory (config.yaml, resumes.yaml)")
+    run.add_argument("overrides", nargs="*", help=OVERRIDES + ", e.g. optimizer.lr=0.1 train.max_epochs=3; "
+                     "with --resume, recorded in the run directory (config.yaml, resumes.yaml)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue that run from its last checkpoint, in place; a finished run trains on only "
                           "if an override raises train.max_epochs or train.max_steps")

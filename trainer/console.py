@@ -42,7 +42,8 @@ def summary(result, label: str = "") -> str:
     """The lines a finished run ends with (``result`` is a ``FitResult``)."""
     shown = f"  {label}" if label else ""
     lines = [f"done: {result.run_dir}{shown}",
-             f"  stopped: {result.reason} at step {result.step}, epoch {result.epoch}, after {duration(result.seconds)}",
+             f"  stopped: {result.reason} at step {result.step}, epoch {result.epoch}, "
+             f"after {duration(result.seconds)}",
              f"  final: {metrics_text(result.metrics) or '-'}"]
     if result.best is not None:
         best = f"{result.monitor}={result.best:.6g}"

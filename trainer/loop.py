@@ -261,7 +261,7 @@ class Trainer:
                          best_path if best_path is not None and best_path.exists() else None)
 
     def record_resume(self) -> None:
-        """Keys this resume changed go into ``config.yaml``; ``resumes.yaml`` keeps each resume (time, step, changes)."""
+        """Keys this resume changed go into ``config.yaml``; ``resumes.yaml`` keeps each resume (time, step, keys)."""
         import datetime
 
         import yaml
