@@ -201,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = top.parse_args(argv)
+    from trainer.checkpoint import CheckpointError
     from trainer.loop import Interrupted, NonFiniteLoss
 
     try:
@@ -208,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

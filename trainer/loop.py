@@ -140,7 +140,8 @@ class Trainer:
         self.stopped_early = False
         if resume is not None:
             self.run_dir = Path(resume)
-            self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints)
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints, background=t.async_checkpoint,
+                                                      lock=self.env.main)
             state, path, problems = self.checkpoints.load()
             for problem in problems:  # a newer checkpoint was damaged: say so, and which one is used
                 print(f"warning: {problem}; resuming from {path.relative_to(self.run_dir)} (step {state['step']}), "
@@ -183,7 +184,8 @@ class Trainer:
         if fresh:
             made = str(checkpoint.create_run_dir(cfg.log.dir, cfg.name)) if env.main else None
             self.run_dir = Path(distributed.broadcast(made, env))
-            self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints)
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints,
+                                                      background=cfg.train.async_checkpoint, lock=env.main)
             if env.main:
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
@@ -200,14 +202,17 @@ class Trainer:
                 while not self.finished():
                     self.train_epoch()
                 self.finish()
+                self.checkpoints.wait()  # the last checkpoint is on disk before fit returns
         except NonFiniteLoss as e:
             self.log.close()
+            self.checkpoints.close()  # the replay below reads the checkpoints
             from trainer.compare import swapped_layers
             if not env.distributed and swapped_layers(self.model, self.loss_fn):  # twins in use: find the culprit
                 from trainer.diagnose import first_nonfinite
                 e.diagnosis = first_nonfinite(cfg, self.run_dir, e.step)
             raise
         finally:
+            self.checkpoints.close()
             self.log.close()
         return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch, self.stopped_early)
 
@@ -239,6 +244,7 @@ class Trainer:
     def on_step(self) -> None:
         """Cadenced work after each step: shadow comparison, validation, checkpoints, histograms, interrupts."""
         t, log, step = self.cfg.train, self.cfg.log, self.step
+        self.checkpoints.check()  # a background write that failed stops the run here
         if self.shadow is not None and self.shadow.armed:
             self.log.scalars(step, self.shadow.collect())
         if t.val_every and step % t.val_every == 0:
@@ -255,6 +261,7 @@ class Trainer:
             stop = self._signal is not None
         if stop:
             self.save()
+            self.checkpoints.wait()
             raise Interrupted(self._signal or signal.SIGTERM)
 
     def finished(self) -> bool:
