@@ -66,33 +66,38 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
-def host_copy(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+def host_copy(obj: Any, memo: dict | None = None) -> Any:
     """``obj`` with every tensor copied to host memory: nothing in the copy changes when training goes on.
 
-    Tensors that shared a storage (tied weights, views) share one copied storage, and containers
-    keep their types and attributes (a state_dict's ``_metadata``), so ``torch.save`` writes the
-    same bytes for the copy as for the original.
+    Tensors that shared a storage (tied weights, views) share one copied storage, an object met
+    twice is copied once, and containers keep their types and attributes (a state_dict's
+    ``_metadata``), so ``torch.save`` writes the same bytes for the copy as for the original.
     """
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return obj
     memo = {} if memo is None else memo
+    if id(obj) in memo:  # pickle writes an object met twice once: so must the copy be one object
+        return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         if t.layout != torch.strided or t.is_quantized:
-            return t.to("cpu", copy=True)
-        storage = t.untyped_storage()
-        key = storage._cdata  # the identity torch.save itself uses to write a shared storage once
-        if key not in memo:
-            memo[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
-        return torch.empty(0, dtype=t.dtype).set_(memo[key], t.storage_offset(), t.size(), t.stride())
-    if isinstance(obj, dict):
+            out = t.to("cpu", copy=True)
+        else:
+            storage = t.untyped_storage()
+            key = ("storage", storage._cdata)  # the identity torch.save itself uses to write a storage once
+            if key not in memo:
+                memo[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+            out = torch.empty(0, dtype=t.dtype).set_(memo[key], t.storage_offset(), t.size(), t.stride())
+    elif isinstance(obj, dict):
         out = copy.copy(obj)  # same type, same instance attributes
         for k, v in obj.items():
             out[k] = host_copy(v, memo)
-        return out
-    if type(obj) in (list, tuple):
-        return type(obj)(host_copy(v, memo) for v in obj)
-    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
-        return obj
-    return copy.deepcopy(obj)
+    elif type(obj) in (list, tuple):
+        out = type(obj)(host_copy(v, memo) for v in obj)
+    else:
+        out = copy.deepcopy(obj)
+    memo[id(obj)] = out
+    return out
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -293,7 +293,10 @@ class Trainer:
                 bad = int((~finite).nonzero()[0])
                 raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]))
             total, count = float(losses[finite].sum(dtype=torch.float64)), int(finite.sum())
-        if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        # a finite sum has no inf or NaN in it: one pass and one sync; only a sum that overflowed needs a closer look
+        params = [p.detach() for p in self.model.parameters()] if weights else []
+        if params and not (math.isfinite(torch.stack([p.float().sum() for p in params]).sum())
+                           or all(bool(torch.isfinite(p).all()) for p in params)):
             raise NonFiniteLoss(self.step, float("nan"), what="the weights are")
         return total, count
 
