@@ -7,7 +7,10 @@ turn holds one logging step), and each sums the time of its own turns: on a shar
 noisy machine a slow spell then falls on both alike, which whole runs one after the
 other cannot promise (those differed by 1.5x here). Steps up to WARM (one-off setup,
 first allocations) and the last turn (teardown) are left out; the figure is the median
-over repeats of the ratio of the summed times.
+over repeats of the ratio of the summed times. Each turn is also timed in CPU seconds of
+the whole process (``time.process_time``: the loop's thread, the trainer's checkpoint
+writer, TensorBoard's writer thread), which time spent waiting for a busy machine's
+cores does not inflate: the second ratio, the steadier one when the machine is shared.
 
 The rows show each cost on its own. The data is the user's own plain ``TensorDataset``
 (per-sample ``__getitem__`` and default collate) on both sides, given to the trainer
@@ -84,22 +87,24 @@ class Baton:
         self.turn = [threading.Semaphore(1), threading.Semaphore(0)]
         self.done = [False, False]
         self.busy = [0.0, 0.0]
-        self.began = [0.0, 0.0]
+        self.cpu = [0.0, 0.0]
+        self.began = [(0.0, 0.0), (0.0, 0.0)]
 
     def start(self, side: int) -> None:
         self.turn[side].acquire()
-        self.began[side] = time.perf_counter()
+        self.began[side] = time.perf_counter(), time.process_time()
 
     def step_done(self, side: int, step: int) -> None:
         """End of ``step`` (every step but the last): at the end of a turn, pass the baton and wait for it."""
         if step % TURN:
             return
         if step > WARM:
-            self.busy[side] += time.perf_counter() - self.began[side]
+            self.busy[side] += time.perf_counter() - self.began[side][0]
+            self.cpu[side] += time.process_time() - self.began[side][1]
         if not self.done[1 - side]:
             self.turn[1 - side].release()
             self.turn[side].acquire()
-        self.began[side] = time.perf_counter()
+        self.began[side] = time.perf_counter(), time.process_time()
 
     def finish(self, side: int) -> None:
         self.done[side] = True
@@ -161,12 +166,12 @@ def trainer_loop(cfg, baton: Baton, side: int) -> None:
     trainer.fit()  # the final checkpoint and hparams land in the last turn: one-off, like setup
 
 
-def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float]:
-    """(first s/step, second s/step, second/first), medians over repeats of the two loops run in turns.
+def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float, float]:
+    """(first s/step, second s/step, second/first, the same in CPU time), medians over repeats of turns.
 
     Progress bars go to a null stream.
     """
-    a, b, ratios = [], [], []
+    a, b, ratios, cpu_ratios = [], [], [], []
     for i in range(repeats + 1):
         baton, errors = Baton(), []
 
@@ -189,8 +194,8 @@ def measure(first, second, repeats: int, steps: int) -> tuple[float, float, floa
         if i == 0:
             continue  # warm-up
         x, y = (busy / ((steps - 1) // TURN * TURN - WARM) for busy in baton.busy)
-        a.append(x), b.append(y), ratios.append(y / x)
-    return statistics.median(a), statistics.median(b), statistics.median(ratios)
+        a.append(x), b.append(y), ratios.append(y / x), cpu_ratios.append(baton.cpu[1] / baton.cpu[0])
+    return statistics.median(a), statistics.median(b), statistics.median(ratios), statistics.median(cpu_ratios)
 
 
 def main() -> None:
@@ -204,12 +209,12 @@ def main() -> None:
               f"at least 1 (got {args.steps}, {args.repeats})", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
-    print(f"{'comparison':52} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
+    print(f"{'comparison':52} {'ms/step':>8} {'ms/step':>8} {'ratio':>7} {'CPU ratio':>9}")
 
     def row(label: str, first, second, cfg1, cfg2) -> None:
-        a, b, r = measure(lambda baton, side: first(cfg1, baton, side), lambda baton, side: second(cfg2, baton, side),
-                          args.repeats, args.steps)
-        print(f"{label:52} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x", flush=True)
+        a, b, r, c = measure(lambda baton, side: first(cfg1, baton, side),
+                             lambda baton, side: second(cfg2, baton, side), args.repeats, args.steps)
+        print(f"{label:52} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x {c:8.3f}x", flush=True)
 
     with tempfile.TemporaryDirectory() as logdir:
         for name in MODELS if args.model == "both" else [args.model]:

@@ -66,12 +66,14 @@ def seed_everything(seed: int) -> None:
 
 
 def grad_norm(model: torch.nn.Module) -> float:
-    """The 2-norm of all parameter grads together (one fused reduction, one sync)."""
+    """The 2-norm of all parameter grads together (one sync).
+
+    A norm per tensor, then the norm of those: ``get_total_norm`` spends ~90 us grouping
+    tensors by device and dtype first, a fifth of a small model's step at every log.
+    """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
-        return float(torch.nn.utils.get_total_norm(grads))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
