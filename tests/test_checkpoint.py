@@ -276,3 +276,17 @@ def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, q
     trainer.fit()
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "manifest.json", "step_00000002.pt",
                                                        "step_00000004.pt", "step_00000008.pt"]
+
+
+def test_huge_but_finite_weights_pass_the_check_before_a_save_and_an_inf_does_not(quick):
+    """The check sums the weights first; a sum that overflows is looked at element by element."""
+    from trainer.loop import NonFiniteLoss
+
+    trainer = Trainer(quick("train.max_steps=1"))
+    with torch.no_grad():
+        trainer.model.weight.fill_(3e38)  # each finite, their sum is inf
+    trainer.check_finite(weights=True)
+    with torch.no_grad():
+        trainer.model.weight[0, 3] = float("inf")
+    with pytest.raises(NonFiniteLoss, match="the weights are nan by step 0"):
+        trainer.check_finite(weights=True)
