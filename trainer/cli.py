@@ -240,6 +240,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = top.parse_args(argv)
+    from trainer.checkpoint import CheckpointError
     from trainer.loop import Interrupted, InterruptedTwice, NonFiniteLoss
 
     try:
@@ -247,7 +248,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, CheckpointError) as e:
         ignore_signals()
         print(f"error: {e}", file=sys.stderr)
         return 1

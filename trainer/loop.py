@@ -74,12 +74,14 @@ NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def grad_norm(model: torch.nn.Module) -> float:
-    """The 2-norm of all parameter grads together (one fused reduction, one sync)."""
+    """The 2-norm of all parameter grads together (one sync).
+
+    A norm per tensor, then the norm of those: ``get_total_norm`` spends ~90 us grouping
+    tensors by device and dtype first, a fifth of a small model's step at every log.
+    """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: foreach kernels
-        return float(torch.nn.utils.get_total_norm(grads))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
@@ -130,7 +132,8 @@ class Trainer:
         self.callbacks: list[Callback] = [*built_in(self), *callbacks]
         if resume is not None:
             self.run_dir = Path(resume)
-            self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints)
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints, background=t.async_checkpoint,
+                                                      lock=self.env.main)
             state, path, problems = self.checkpoints.load()
             for problem in problems:  # a newer checkpoint was damaged: say so, and which one is used
                 print(f"warning: {problem}; resuming from {path.relative_to(self.run_dir)} (step {state['step']}), "
@@ -177,7 +180,8 @@ class Trainer:
         if fresh:
             made = str(checkpoint.create_run_dir(cfg.log.dir, cfg.name)) if env.main else None
             self.run_dir = Path(distributed.broadcast(made, env))
-            self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints)
+            self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints,
+                                                      background=cfg.train.async_checkpoint, lock=env.main)
             if env.main:
                 (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
@@ -194,12 +198,15 @@ class Trainer:
                 while not self.finished():
                     self.train_epoch()
                 self.finish()
+                self.checkpoints.wait()  # the last checkpoint is on disk before fit returns
         except BaseException as e:
             self.log.close()
+            self.checkpoints.close()  # the NaN diagnosis replays the run from its checkpoints
             for cb in self.callbacks:
                 cb.on_error(self, e)
             raise
         finally:
+            self.checkpoints.close()
             self.log.close()
         return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch, self.stopped_early)
 
@@ -242,6 +249,7 @@ class Trainer:
     def on_step(self) -> None:
         """Cadenced work after each step: validation, checkpoints, histograms, interrupts."""
         t, log, step = self.cfg.train, self.cfg.log, self.step
+        self.checkpoints.check()  # a background write that failed stops the run here
         if t.val_every and step % t.val_every == 0:
             self.validate()
         if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -256,6 +264,7 @@ class Trainer:
             stop = self._signal is not None
         if stop:
             self.save()
+            self.checkpoints.wait()
             raise Interrupted(self._signal or signal.SIGTERM)
 
     def finished(self) -> bool:
@@ -289,7 +298,10 @@ class Trainer:
                 bad = int((~finite).nonzero()[0])
                 raise NonFiniteLoss(self.step - len(losses) + 1 + bad, float(losses[bad]), kept=self._saved_at >= 0)
             total, count = float(losses[finite].sum(dtype=torch.float64)), int(finite.sum())
-        if weights and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        # a finite sum has no inf or NaN in it: one pass and one sync; only a sum that overflowed needs a closer look
+        params = [p.detach() for p in self.model.parameters()] if weights else []
+        if params and not (math.isfinite(torch.stack([p.float().sum() for p in params]).sum())
+                           or all(bool(torch.isfinite(p).all()) for p in params)):
             raise NonFiniteLoss(self.step, float("nan"), what="the weights are", kept=self._saved_at >= 0,
                                 skipping=self.cfg.train.skip_nonfinite)
         return total, count
