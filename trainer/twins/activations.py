@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.twins import amp, registry
+from trainer.twins import amp, cases, registry
 from trainer.twins.amp import LOW
 from trainer.twins.registry import Case
 
@@ -157,10 +157,7 @@ class CustomReLU(nn.ReLU):
 
 registry.register(
     "relu", native=nn.ReLU, custom=CustomReLU, saves="y (output)",
-    cases=lambda: [
-        Case("relu", nn.ReLU, _randn(4, 7)),
-        Case("relu-zeros", nn.ReLU, _values(-1.0, -0.0, 0.0, 0.5, 2.0, float("nan"), float("inf")), gradcheck=False),
-    ],
+    cases=cases.relu,
 )
 
 
@@ -221,15 +218,7 @@ class CustomLeakyReLU(nn.LeakyReLU):
 registry.register(
     "leaky_relu", native=nn.LeakyReLU, custom=CustomLeakyReLU,
     saves="y (output); x when negative_slope < 0",
-    cases=lambda: [
-        Case("leaky-3d", nn.LeakyReLU, _randn(2, 2, 3)),
-        Case("leaky-slope-neg", lambda: nn.LeakyReLU(-0.3), _randn(3, 4)),  # saves x, general mask
-        Case("leaky-slope0.2", lambda: nn.LeakyReLU(0.2), _randn(3, 4), gradcheck=False),  # same path as default
-        Case("leaky-slope1.5", lambda: nn.LeakyReLU(1.5), _randn(3, 4), gradcheck=False),
-        Case("leaky-edges", nn.LeakyReLU, _values(*_EDGES, math.nan), gradcheck=False),
-        Case("leaky-slope0-edges", lambda: nn.LeakyReLU(0.0), _values(*_EDGES, math.nan), gradcheck=False),
-        Case("leaky-slope-neg-edges", lambda: nn.LeakyReLU(-0.3), _values(*_EDGES, math.nan), gradcheck=False),
-    ],
+    cases=cases.leaky_relu,
 )
 
 
@@ -290,14 +279,7 @@ class CustomELU(nn.ELU):
 # NaN is left out of the edge cases: native's vectorized and scalar loops disagree on its grad
 registry.register(
     "elu", native=nn.ELU, custom=CustomELU, saves="y (output); x when alpha < 0",
-    cases=lambda: [
-        Case("elu-3d", nn.ELU, _randn(2, 2, 3)),
-        Case("elu-alpha-neg", lambda: nn.ELU(alpha=-0.5), _randn(3, 4)),  # saves x
-        Case("elu-alpha2", lambda: nn.ELU(alpha=2.0), _randn(3, 4)),  # saves y, lerp instead of max
-        Case("elu-edges", nn.ELU, _values(*_EDGES), gradcheck=False),
-        Case("elu-alpha2-edges", lambda: nn.ELU(alpha=2.0), _values(*_EDGES), gradcheck=False),
-        Case("elu-alpha-neg-edges", lambda: nn.ELU(alpha=-0.5), _values(*_EDGES), gradcheck=False),
-    ],
+    cases=cases.elu,
 )
 
 
@@ -397,12 +379,7 @@ _GELU_EDGES = (-math.inf, -1e30, -1e4, -40.0, -10.0, -5.0, -1.0, -0.0, 0.0, 0.5,
 
 registry.register(
     "gelu", native=nn.GELU, custom=CustomGELU, saves="x (input)",
-    cases=lambda: [
-        Case("gelu", nn.GELU, _spread(3, 4, scale=2.0, kinks=())),
-        Case("gelu-tanh-3d", lambda: nn.GELU(approximate="tanh"), _spread(2, 2, 3, scale=2.0, kinks=())),
-        Case("gelu-edges", nn.GELU, _values(*_GELU_EDGES), gradcheck=False),
-        Case("gelu-tanh-edges", lambda: nn.GELU(approximate="tanh"), _values(*_GELU_EDGES), gradcheck=False),
-    ],
+    cases=cases.gelu,
 )
 
 
@@ -451,10 +428,7 @@ class CustomSiLU(nn.SiLU):
 
 registry.register(
     "silu", native=nn.SiLU, custom=CustomSiLU, saves="x (input)",
-    cases=lambda: [
-        Case("silu-3d", nn.SiLU, _spread(2, 2, 3, scale=3.0, kinks=())),
-        Case("silu-edges", nn.SiLU, _values(*_EDGES, math.nan), gradcheck=False),
-    ],
+    cases=cases.silu,
 )
 
 
@@ -513,11 +487,7 @@ class CustomMish(nn.Mish):
 # +inf is left out of the edge cases: native's grad there is NaN (inf * 0), the twin's is 1
 registry.register(
     "mish", native=nn.Mish, custom=CustomMish, saves="x (input)",
-    cases=lambda: [
-        Case("mish-3d", nn.Mish, _spread(2, 2, 3, scale=3.0, kinks=())),
-        Case("mish-edges", nn.Mish, _values(*_EDGES[:-1], -1.19, 19.99, 20.01, 50.0, 88.0, 89.0, math.nan),
-             gradcheck=False),
-    ],
+    cases=cases.mish,
 )
 
 
@@ -592,14 +562,7 @@ class CustomSoftplus(nn.Softplus):
 
 registry.register(
     "softplus", native=nn.Softplus, custom=CustomSoftplus, saves="x (input)",
-    cases=lambda: [
-        Case("softplus", nn.Softplus, _spread(3, 4, scale=3.0, kinks=())),
-        Case("softplus-beta2-thr5-3d", lambda: nn.Softplus(beta=2.0, threshold=5.0),
-             _spread(2, 2, 3, scale=3.0, kinks=(2.5,))),
-        Case("softplus-edges", nn.Softplus, _values(*_EDGES, 19.99, 20.01, 88.0, 89.0, math.nan), gradcheck=False),
-        Case("softplus-beta2-thr5-edges", lambda: nn.Softplus(beta=2.0, threshold=5.0),
-             _values(*_EDGES, 2.4999, 2.5, 2.5001, math.nan), gradcheck=False),
-    ],
+    cases=cases.softplus,
 )
 
 
@@ -645,10 +608,7 @@ class CustomSigmoid(nn.Sigmoid):
 
 registry.register(
     "sigmoid", native=nn.Sigmoid, custom=CustomSigmoid, saves="y (output)",
-    cases=lambda: [
-        Case("sigmoid-3d", nn.Sigmoid, _spread(2, 2, 3, scale=3.0, kinks=())),
-        Case("sigmoid-edges", nn.Sigmoid, _values(*_EDGES, math.nan), gradcheck=False),
-    ],
+    cases=cases.sigmoid,
 )
 
 
@@ -699,10 +659,7 @@ class CustomTanh(nn.Tanh):
 
 registry.register(
     "tanh", native=nn.Tanh, custom=CustomTanh, saves="y (output)",
-    cases=lambda: [
-        Case("tanh-3d", nn.Tanh, _spread(2, 2, 3, scale=2.0, kinks=())),
-        Case("tanh-edges", nn.Tanh, _values(*_EDGES, 1e-4, -1e-4, 0.3, math.nan), gradcheck=False),
-    ],
+    cases=cases.tanh,
 )
 
 
@@ -763,10 +720,7 @@ _HARD_EDGES = (-math.inf, -1e30, -4.0, -3.0001, -3.0, -_BELOW_3, -2.9999, -0.0, 
 
 registry.register(
     "hardsigmoid", native=nn.Hardsigmoid, custom=CustomHardsigmoid, saves="x (input)",
-    cases=lambda: [
-        Case("hardsigmoid-3d", nn.Hardsigmoid, _spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
-        Case("hardsigmoid-edges", nn.Hardsigmoid, _values(*_HARD_EDGES, math.nan), gradcheck=False),
-    ],
+    cases=cases.hardsigmoid,
 )
 
 
@@ -838,8 +792,5 @@ class CustomHardswish(nn.Hardswish):
 # NaN is left out of the edge cases: native's vectorized and scalar loops disagree on its grad
 registry.register(
     "hardswish", native=nn.Hardswish, custom=CustomHardswish, saves="x (input)",
-    cases=lambda: [
-        Case("hardswish-3d", nn.Hardswish, _spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
-        Case("hardswish-edges", nn.Hardswish, _values(*_HARD_EDGES), gradcheck=False),
-    ],
+    cases=cases.hardswish,
 )

@@ -7,7 +7,6 @@ and swapping back is exact.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,9 +27,12 @@ class Case:
         module: builds the *native* module (the checks cast it and swap a copy).
         inputs: builds the forward arguments in float64 from a generator; floating
             tensors are cast to the dtype under test and get ``requires_grad``.
-        gradcheck: False for edge-value cases (kinks, thresholds) that are compared
-            with native only, since finite differences are meaningless there.
+        gradcheck: False for cases compared with native only (kinks, thresholds, where
+            finite differences are meaningless, or inputs too large to gradcheck quickly).
         train: run the module in train (True) or eval (False) mode.
+        edges: an elementwise layer's edge values (infinities, NaN, kinks): compared with
+            native only where native agrees with itself element by element (its vectorized
+            and scalar CPU loops may differ there), elsewhere with one of native's answers.
     """
 
     id: str
@@ -38,6 +40,7 @@ class Case:
     inputs: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
     gradcheck: bool = True
     train: bool = True
+    edges: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,21 +97,9 @@ def register(name: str, *, native: type[nn.Module] | tuple[type[nn.Module], ...]
             raise ValueError(f"layer {name!r}: the custom class must be a subclass of {n.__name__}")
         if "__init__" in vars(c):
             raise ValueError(f"layer {name!r}: {c.__name__} must not define __init__ (a twin adds no state)")
-        _presign(getattr(c, "function", None))
     spec = LayerSpec(name=name, pairs=tuple(zip(natives, customs)), **info)
     _SPECS[name] = spec
     return spec
-
-
-def _presign(function: type[torch.autograd.Function] | None) -> None:
-    """Store ``forward``'s signature on it, so ``Function.apply`` stops rebuilding it on every call.
-
-    ``apply`` of a setup_context-style Function binds its arguments through
-    ``inspect.signature(forward)`` on each call (tens of microseconds, a visible share of a
-    small layer's time); inspect returns a stored ``__signature__`` as is (PEP 362).
-    """
-    if function is not None and "forward" in vars(function) and "setup_context" in vars(function):
-        function.forward.__signature__ = inspect.signature(function.forward)
 
 
 def get(name: str, path: str = "layers") -> LayerSpec:

@@ -1,0 +1,152 @@
+"""Check cases of the built-in twins: the inputs ``trainer gradcheck``, tests/test_layers.py and device_check use.
+
+Each layer has one function returning its ``Case`` list, registered as its spec's ``cases``.
+Inputs are float64 builders ``make(generator) -> tuple of tensors``; the checks cast them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainer.twins.registry import Case
+
+# --- input builders ---------------------------------------------------------------------
+
+
+def randn(*shape: int, low: float = 0.05, scale: float = 1.0, shift: float = 0.0):
+    """``shift + scale * z``, z standard-normal float64 samples kept at least ``low`` away from zero (a kink)."""
+    def make(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        x = torch.where(x.abs() < low, torch.where(x < 0, -low, low), x)
+        return (shift + scale * x,)
+    return make
+
+
+def values(*vals):
+    """A fixed float64 input holding exactly ``vals`` (numbers, or rows of numbers)."""
+    return lambda gen: (torch.tensor(vals, dtype=torch.float64),)
+
+
+def spread(*shape: int, scale: float, kinks: tuple[float, ...] = (), gap: float = 0.05):
+    """``scale`` * standard-normal float64 samples, each at least ``gap`` away from every kink."""
+    def make(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        x = scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        for k in kinks:
+            x = torch.where((x - k).abs() < gap, torch.where(x < k, k - gap, k + gap), x)
+        return (x,)
+    return make
+
+
+def edges(id: str, module, *vals: float) -> Case:
+    """An edge-value case: no gradcheck (kinks, limits); compared with native element by element."""
+    return Case(id, module, values(*vals), gradcheck=False, edges=True)
+
+
+EDGES = (-math.inf, -1e30, -100.0, -20.0, -3.0, -1.0, -1e-8, -0.0, 0.0, 1e-8, 1.0, 3.0, 20.0, 100.0, 1e30, math.inf,
+         math.nan)
+BELOW_3 = 3 - 2**-22  # the float32 just below 3
+HARD_EDGES = (-math.inf, -1e30, -4.0, -3.0001, -3.0, -BELOW_3, -2.9999, -0.0, 0.0, 2.9999, BELOW_3, 3.0, 3.0001, 4.0,
+              1e30, math.inf, math.nan)
+
+
+# --- activations ------------------------------------------------------------------------
+
+def relu() -> list[Case]:
+    return [Case("relu", nn.ReLU, randn(4, 7)), edges("relu-edges", nn.ReLU, *EDGES)]
+
+
+def leaky_relu() -> list[Case]:
+    return [
+        Case("leaky-3d", nn.LeakyReLU, randn(2, 2, 3)),
+        Case("leaky-slope-neg", lambda: nn.LeakyReLU(-0.3), randn(3, 4)),  # saves x
+        Case("leaky-slope1.5", lambda: nn.LeakyReLU(1.5), randn(3, 4)),
+        edges("leaky-edges", nn.LeakyReLU, *EDGES),
+        edges("leaky-slope0-edges", lambda: nn.LeakyReLU(0.0), *EDGES),
+        edges("leaky-slope-neg-edges", lambda: nn.LeakyReLU(-0.3), *EDGES),
+    ]
+
+
+def elu() -> list[Case]:
+    return [
+        Case("elu-3d", nn.ELU, randn(2, 2, 3)),
+        Case("elu-alpha-neg", lambda: nn.ELU(alpha=-0.5), randn(3, 4)),  # saves x
+        Case("elu-alpha2", lambda: nn.ELU(alpha=2.0), randn(3, 4)),
+        edges("elu-edges", nn.ELU, *EDGES[:-1]),
+        edges("elu-alpha2-edges", lambda: nn.ELU(alpha=2.0), *EDGES[:-1]),
+        edges("elu-alpha-neg-edges", lambda: nn.ELU(alpha=-0.5), *EDGES[:-1]),
+    ]
+
+
+_GELU_EDGES = (-math.inf, -1e30, -1e4, -40.0, -10.0, -5.0, -1.0, -0.0, 0.0, 0.5, 5.0, 10.0, 40.0, 1e4, 1e30, math.inf,
+               math.nan)
+
+
+def gelu() -> list[Case]:
+    tanh = lambda: nn.GELU(approximate="tanh")  # noqa: E731
+    return [
+        Case("gelu", nn.GELU, spread(3, 4, scale=2.0)),
+        Case("gelu-tanh-3d", tanh, spread(2, 2, 3, scale=2.0)),
+        edges("gelu-edges", nn.GELU, *_GELU_EDGES),
+        edges("gelu-tanh-edges", tanh, *_GELU_EDGES),
+    ]
+
+
+def silu() -> list[Case]:
+    return [Case("silu-3d", nn.SiLU, spread(2, 2, 3, scale=3.0)), edges("silu-edges", nn.SiLU, *EDGES)]
+
+
+def mish() -> list[Case]:
+    return [
+        Case("mish-3d", nn.Mish, spread(2, 2, 3, scale=3.0)),
+        edges("mish-edges", nn.Mish, *EDGES[:-2], -1.19, 19.99, 20.01, 50.0, 88.0, 89.0),
+    ]
+
+
+def softplus() -> list[Case]:
+    b2t5 = lambda: nn.Softplus(beta=2.0, threshold=5.0)  # noqa: E731
+    return [
+        Case("softplus", nn.Softplus, spread(3, 4, scale=3.0)),
+        Case("softplus-beta2-thr5-3d", b2t5, spread(2, 2, 3, scale=3.0, kinks=(2.5,))),
+        edges("softplus-edges", nn.Softplus, *EDGES, 19.99, 20.0, 20.01, 88.0, 89.0),
+        edges("softplus-beta2-thr5-edges", b2t5, *EDGES, 2.4999, 2.5, 2.5001),
+    ]
+
+
+def sigmoid() -> list[Case]:
+    return [Case("sigmoid-3d", nn.Sigmoid, spread(2, 2, 3, scale=3.0)), edges("sigmoid-edges", nn.Sigmoid, *EDGES)]
+
+
+def tanh() -> list[Case]:
+    return [
+        Case("tanh-3d", nn.Tanh, spread(2, 2, 3, scale=2.0)),
+        edges("tanh-edges", nn.Tanh, *EDGES, 1e-4, -1e-4, 0.3),
+    ]
+
+
+def hardsigmoid() -> list[Case]:
+    return [
+        Case("hardsigmoid-3d", nn.Hardsigmoid, spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
+        edges("hardsigmoid-edges", nn.Hardsigmoid, *HARD_EDGES),
+    ]
+
+
+def hardswish() -> list[Case]:
+    return [
+        Case("hardswish-3d", nn.Hardswish, spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
+        edges("hardswish-edges", nn.Hardswish, *HARD_EDGES[:-1]),
+    ]
+
+
+# --- dense ------------------------------------------------------------------------------
+
+# --- dropout ----------------------------------------------------------------------------
+
+# --- embedding --------------------------------------------------------------------------
+
+# --- norm -------------------------------------------------------------------------------
+
+# --- softmax ----------------------------------------------------------------------------
+
+# --- losses -----------------------------------------------------------------------------
