@@ -141,6 +141,33 @@ def hardswish() -> list[Case]:
 
 # --- dense ------------------------------------------------------------------------------
 
+def linear() -> list[Case]:
+    return [
+        Case("linear-1d", lambda: nn.Linear(4, 3), randn(4)),
+        Case("linear-3d", lambda: nn.Linear(3, 2), randn(2, 3, 3)),
+        Case("linear-nobias", lambda: nn.Linear(4, 3, bias=False), randn(5, 4)),
+        Case("linear-wide", lambda: nn.Linear(16, 8), randn(3, 2, 16)),  # fast-mode gradcheck
+    ]
+
+
+def conv2d() -> list[Case]:
+    return [
+        Case("conv2d-stride2", lambda: nn.Conv2d(1, 2, 2, stride=2), randn(1, 1, 5, 5)),  # last row/col unread
+        Case("conv2d-same-dilation2", lambda: nn.Conv2d(1, 1, 3, padding="same", dilation=2), randn(1, 1, 4, 4)),
+        Case("conv2d-same-even-kernel", lambda: nn.Conv2d(1, 1, (2, 3), padding="same"), randn(1, 1, 4, 5)),
+        Case("conv2d-valid", lambda: nn.Conv2d(1, 2, 2, padding="valid"), randn(1, 1, 3, 3)),
+        Case("conv2d-groups2", lambda: nn.Conv2d(4, 2, 1, groups=2), randn(1, 4, 2, 2)),
+        Case("conv2d-depthwise", lambda: nn.Conv2d(2, 2, 2, padding=1, groups=2), randn(1, 2, 3, 3)),
+        Case("conv2d-nobias", lambda: nn.Conv2d(1, 2, 2, bias=False), randn(2, 1, 3, 3)),
+        Case("conv2d-reflect", lambda: nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"), randn(1, 1, 3, 4)),
+        Case("conv2d-circular", lambda: nn.Conv2d(1, 1, 3, padding=(1, 2), padding_mode="circular"),
+             randn(1, 1, 4, 4)),
+        Case("conv2d-unbatched", lambda: nn.Conv2d(1, 2, 2), randn(1, 4, 4)),
+        Case("conv2d-tuples", lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2),
+                                                groups=2), randn(2, 4, 7, 6)),  # fast-mode gradcheck
+    ]
+
+
 # --- dropout ----------------------------------------------------------------------------
 
 # --- embedding --------------------------------------------------------------------------
