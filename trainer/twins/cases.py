@@ -170,7 +170,39 @@ def conv2d() -> list[Case]:
 
 # --- dropout ----------------------------------------------------------------------------
 
+def dropout() -> list[Case]:
+    return [
+        Case("p0.3", lambda: nn.Dropout(0.3), randn(4, 7)),
+        Case("p0", lambda: nn.Dropout(0.0), randn(4, 7)),
+        Case("p1", lambda: nn.Dropout(1.0), randn(4, 7)),
+        Case("eval", lambda: nn.Dropout(0.5), randn(4, 7), train=False),
+        Case("p0.5-large", lambda: nn.Dropout(0.5), randn(8, 16, 33), gradcheck=False),
+    ]
+
+
 # --- embedding --------------------------------------------------------------------------
+
+def indices(*rows):
+    """``torch.tensor(rows)``: fixed indices, so repeats and padding-row hits are chosen, not drawn."""
+    return lambda gen: (torch.tensor(rows),)
+
+
+def embedding() -> list[Case]:
+    padding = lambda i: lambda: nn.Embedding(5, 3, padding_idx=i)  # noqa: E731
+    return [
+        Case("embedding", lambda: nn.Embedding(5, 3), indices([0, 2, 2], [4, 1, 2])),
+        Case("embedding-1d-indices", lambda: nn.Embedding(4, 2), indices(3, 3, 0)),
+        Case("embedding-padding-unused", padding(1), indices([0, 2, 2], [4, 3, 2])),
+        # native's grads below are not the forward's derivative (the padding row's is 0 though the
+        # forward reads it), so these are compared with native only
+        Case("embedding-padding", padding(1), indices([1, 2, 1], [4, 1, 2]), gradcheck=False),
+        Case("embedding-padding-negative", padding(-1), indices([4, 0, 4, 3]), gradcheck=False),
+        Case("embedding-scale-grad-by-freq", lambda: nn.Embedding(5, 3, padding_idx=0, scale_grad_by_freq=True),
+             indices([0, 2, 2], [4, 2, 0]), gradcheck=False),
+        Case("embedding-max-norm", lambda: nn.Embedding(5, 3, max_norm=1.0), indices([0, 2, 2], [4, 1, 2]),
+             gradcheck=False),
+    ]
+
 
 # --- norm -------------------------------------------------------------------------------
 
