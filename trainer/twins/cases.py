@@ -73,9 +73,9 @@ def elu() -> list[Case]:
         Case("elu-3d", nn.ELU, randn(2, 2, 3)),
         Case("elu-alpha-neg", lambda: nn.ELU(alpha=-0.5), randn(3, 4)),  # saves x
         Case("elu-alpha2", lambda: nn.ELU(alpha=2.0), randn(3, 4)),
-        edges("elu-edges", nn.ELU, *EDGES[:-1]),
-        edges("elu-alpha2-edges", lambda: nn.ELU(alpha=2.0), *EDGES[:-1]),
-        edges("elu-alpha-neg-edges", lambda: nn.ELU(alpha=-0.5), *EDGES[:-1]),
+        edges("elu-edges", nn.ELU, *EDGES),
+        edges("elu-alpha2-edges", lambda: nn.ELU(alpha=2.0), *EDGES),
+        edges("elu-alpha-neg-edges", lambda: nn.ELU(alpha=-0.5), *EDGES),
     ]
 
 
@@ -100,7 +100,7 @@ def silu() -> list[Case]:
 def mish() -> list[Case]:
     return [
         Case("mish-3d", nn.Mish, spread(2, 2, 3, scale=3.0)),
-        edges("mish-edges", nn.Mish, *EDGES[:-2], -1.19, 19.99, 20.01, 50.0, 88.0, 89.0),
+        edges("mish-edges", nn.Mish, *EDGES, -1.19, 19.99, 20.01, 50.0, 88.0, 89.0),
     ]
 
 
@@ -135,7 +135,7 @@ def hardsigmoid() -> list[Case]:
 def hardswish() -> list[Case]:
     return [
         Case("hardswish-3d", nn.Hardswish, spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
-        edges("hardswish-edges", nn.Hardswish, *HARD_EDGES[:-1]),
+        edges("hardswish-edges", nn.Hardswish, *HARD_EDGES),
     ]
 
 
