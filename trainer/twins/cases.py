@@ -206,6 +206,53 @@ def embedding() -> list[Case]:
 
 # --- norm -------------------------------------------------------------------------------
 
+def _randomized(build):
+    """``build`` with random affine parameters and running stats, so none is the trivial 1 or 0."""
+    def make() -> nn.Module:
+        m = build()
+        with torch.no_grad():
+            if getattr(m, "weight", None) is not None:
+                m.weight.uniform_(0.5, 1.5)
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_()
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        return m
+    return make
+
+
+def layer_norm() -> list[Case]:
+    ln = lambda *a, **kw: _randomized(lambda: nn.LayerNorm(*a, **kw))  # noqa: E731
+    return [
+        Case("last-dim", ln(5), randn(3, 5)),
+        Case("last-two-dims", ln((3, 4)), randn(2, 3, 4)),
+        Case("no-affine", ln(6, elementwise_affine=False), randn(4, 6)),
+        Case("no-bias", ln(6, bias=False), randn(3, 6)),
+        Case("shifted", ln(8), randn(2, 8, scale=0.5, shift=3.0)),
+        Case("wide", ln(96), randn(2, 5, 96), gradcheck=False),
+        Case("wide-no-affine", ln((4, 24), elementwise_affine=False), randn(3, 4, 24), gradcheck=False),
+    ]
+
+
+def batch_norm() -> list[Case]:
+    bn1 = lambda *a, **kw: _randomized(lambda: nn.BatchNorm1d(*a, **kw))  # noqa: E731
+    bn2 = lambda *a, **kw: _randomized(lambda: nn.BatchNorm2d(*a, **kw))  # noqa: E731
+    return [
+        Case("1d-NC", bn1(3), randn(6, 3)),
+        Case("1d-NCL", bn1(3), randn(3, 3, 4)),
+        Case("2d", bn2(2), randn(2, 2, 3, 3)),
+        Case("2d-eval", bn2(2), randn(2, 2, 3, 3), train=False),
+        Case("2d-affine-false", bn2(2, affine=False), randn(3, 2, 2, 2)),
+        Case("1d-momentum-none", bn1(3, momentum=None), randn(5, 3)),
+        Case("2d-no-running-stats", bn2(2, track_running_stats=False), randn(2, 2, 3, 3)),
+        Case("2d-no-running-stats-eval", bn2(2, track_running_stats=False), randn(2, 2, 3, 3), train=False),
+        Case("1d-eval-affine-false", bn1(3, affine=False), randn(4, 3, 2), train=False),
+        Case("2d-shifted", bn2(4), randn(4, 4, 5, 5, scale=0.5, shift=3.0), gradcheck=False),
+        Case("2d-wide-affine-false", bn2(3, affine=False), randn(4, 3, 6, 6), gradcheck=False),
+    ]
+
+
 # --- softmax ----------------------------------------------------------------------------
 
 # --- losses -----------------------------------------------------------------------------
