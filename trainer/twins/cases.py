@@ -255,4 +255,29 @@ def batch_norm() -> list[Case]:
 
 # --- softmax ----------------------------------------------------------------------------
 
+def _softmax(native: type[nn.Module], name: str) -> list[Case]:
+    return [
+        Case(f"{name}-dim1", lambda: native(dim=1), randn(4, 7)),
+        Case(f"{name}-dim-1-3d", lambda: native(dim=-1), randn(2, 3, 5)),
+        Case(f"{name}-dim-2-3d", lambda: native(dim=-2), randn(2, 5, 3)),
+        Case(f"{name}-dimNone-3d", lambda: native(dim=None), randn(3, 2, 4)),  # native picks dim 0
+        Case(f"{name}-1d", lambda: native(dim=0), randn(9)),
+        Case(f"{name}-large", lambda: native(dim=1), values([1000.0, 999.0, -1000.0, 0.0], [-500.0, -501.0, -499.0, -1e4]),
+             gradcheck=False),
+        Case(f"{name}-wide-range", lambda: native(dim=-1), randn(3, 50, scale=30.0), gradcheck=False),
+        Case(f"{name}-inf", lambda: native(dim=1), values([-math.inf, 0.0, 1.0], [-math.inf, -math.inf, -math.inf]),
+             gradcheck=False),
+        Case(f"{name}-empty", lambda: native(dim=1), lambda gen: (torch.zeros(0, 4, dtype=torch.float64),),
+             gradcheck=False),
+    ]
+
+
+def softmax() -> list[Case]:
+    return _softmax(nn.Softmax, "softmax")
+
+
+def log_softmax() -> list[Case]:
+    return _softmax(nn.LogSoftmax, "log_softmax")
+
+
 # --- losses -----------------------------------------------------------------------------
