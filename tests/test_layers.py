@@ -60,7 +60,8 @@ def assert_matches_either(got, first, second, tol, what):
     """Each element of ``got`` close to ``first``'s or ``second``'s (the same where native agrees with itself)."""
     ok = (torch.isclose(got, first, equal_nan=True, **tol) | torch.isclose(got, second, equal_nan=True, **tol))
     bad = (~ok).nonzero().flatten().tolist()
-    assert not bad, f"{what} at {bad}: custom {got[bad].tolist()}, native {first[bad].tolist()} or {second[bad].tolist()}"
+    assert not bad, (f"{what} at {bad}: custom {got[bad].tolist()}, "
+                     f"native {first[bad].tolist()} or {second[bad].tolist()}")
 
 
 def assert_same(spec, case, dtype, **kw):
