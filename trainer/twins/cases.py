@@ -281,3 +281,121 @@ def log_softmax() -> list[Case]:
 
 
 # --- losses -----------------------------------------------------------------------------
+
+def pair(*shape: int, target: str = "randn", scale: float = 1.0):
+    """(input, float target) in float64; the target is standard normal or uniform in [0, 1]."""
+    def make(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        t = torch.randn if target == "randn" else torch.rand
+        return x, t(*shape, generator=gen, dtype=torch.float64)
+    return make
+
+
+def fixed(*tensors):
+    """Fixed float64 inputs holding exactly these values."""
+    return lambda gen: tuple(torch.tensor(v, dtype=torch.float64) for v in tensors)
+
+
+def logits(*shape: int, ignore: int | None = None, probs: bool = False, scale: float = 1.0):
+    """(logits, target): class indices drawn over C = shape[1] (shape[0] unbatched), every third set to ``ignore``;
+    or, with ``probs``, class probabilities."""
+    def make(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        cdim = 1 if len(shape) > 1 else 0
+        if probs:
+            return x, torch.randn(*shape, generator=gen, dtype=torch.float64).softmax(cdim)
+        t = torch.randint(shape[cdim], shape[:cdim] + shape[cdim + 1:], generator=gen)
+        if ignore is not None:
+            t.view(-1)[::3] = ignore
+        return x, t
+    return make
+
+
+def _w(*w: float) -> torch.Tensor:
+    return torch.tensor(w, dtype=torch.float64)
+
+
+def mse() -> list[Case]:
+    return [
+        Case("mse-mean", nn.MSELoss, pair(4, 5)),
+        Case("mse-sum", lambda: nn.MSELoss(reduction="sum"), pair(4, 5)),
+        Case("mse-none", lambda: nn.MSELoss(reduction="none"), pair(2, 3, 4)),
+        Case("mse-broadcast-target", nn.MSELoss,
+             lambda gen: (torch.randn(4, 5, generator=gen, dtype=torch.float64),
+                          torch.randn(4, 1, generator=gen, dtype=torch.float64))),
+        Case("mse-scalar", nn.MSELoss, fixed(1.5, -0.25)),
+    ]
+
+
+def l1() -> list[Case]:
+    return [
+        Case("l1-mean", nn.L1Loss, pair(4, 5)),
+        Case("l1-sum", lambda: nn.L1Loss(reduction="sum"), pair(4, 5)),
+        Case("l1-none", lambda: nn.L1Loss(reduction="none"), pair(2, 3, 4)),
+        Case("l1-x-equals-t", nn.L1Loss, fixed([1.0, -2.0, 0.5, 0.0], [1.0, -2.0, 0.25, 0.0]), gradcheck=False),
+    ]
+
+
+def huber() -> list[Case]:
+    return [
+        Case("huber-mean", nn.HuberLoss, pair(4, 5, scale=2.0)),
+        Case("huber-sum-delta0.5", lambda: nn.HuberLoss(reduction="sum", delta=0.5), pair(4, 5)),
+        Case("huber-none-delta2", lambda: nn.HuberLoss(reduction="none", delta=2.0), pair(2, 3, 4, scale=3.0)),
+        Case("huber-at-delta", lambda: nn.HuberLoss(delta=0.5),
+             fixed([1.0, -1.0, 0.75, 0.0, 2.0], [0.5, -0.5, 0.25, 0.5, 0.0]), gradcheck=False),
+    ]
+
+
+def cross_entropy() -> list[Case]:
+    ce = nn.CrossEntropyLoss
+    w5 = lambda: _w(0.5, 2.0, 1.0, 0.25, 3.0)  # noqa: E731
+    all_ignored = lambda gen: (torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.full((4,), -100))  # noqa: E731
+    return [
+        Case("ce-mean", ce, logits(6, 5)),
+        Case("ce-sum", lambda: ce(reduction="sum"), logits(6, 5)),
+        Case("ce-none", lambda: ce(reduction="none"), logits(6, 5)),
+        Case("ce-weight", lambda: ce(weight=w5()), logits(6, 5)),
+        Case("ce-ignore", ce, logits(6, 5, ignore=-100)),
+        Case("ce-ignore-class2-weight-sum", lambda: ce(weight=w5(), ignore_index=2, reduction="sum"),
+             logits(6, 5, ignore=2)),
+        Case("ce-smoothing", lambda: ce(label_smoothing=0.2), logits(6, 5)),
+        Case("ce-smoothing-weight-ignore", lambda: ce(weight=w5(), label_smoothing=0.1), logits(6, 5, ignore=-100)),
+        Case("ce-smoothing-weight-ignore-none", lambda: ce(weight=w5(), label_smoothing=0.1, reduction="none"),
+             logits(6, 5, ignore=-100)),
+        Case("ce-NCd", lambda: ce(ignore_index=1), logits(2, 4, 5, ignore=1)),
+        Case("ce-NCdd-weight-smoothing", lambda: ce(weight=_w(1.0, 0.5, 2.0), label_smoothing=0.3),
+             logits(2, 3, 2, 3)),
+        Case("ce-unbatched", ce, logits(7)),
+        Case("ce-probs", ce, logits(4, 5, probs=True)),
+        Case("ce-probs-weight-smoothing-sum", lambda: ce(weight=w5(), label_smoothing=0.2, reduction="sum"),
+             logits(4, 5, probs=True)),
+        Case("ce-probs-NCd-none", lambda: ce(reduction="none"), logits(2, 3, 4, probs=True)),
+        Case("ce-all-ignored", ce, all_ignored, gradcheck=False),
+        Case("ce-all-ignored-weight-smoothing", lambda: ce(weight=w5(), label_smoothing=0.1), all_ignored,
+             gradcheck=False),
+        Case("ce-zero-weight-rows", lambda: ce(weight=_w(0.0, 0.0, 1.0)),
+             lambda gen: (torch.randn(3, 3, generator=gen, dtype=torch.float64), torch.tensor([0, 1, 0])),
+             gradcheck=False),
+        Case("ce-large-logits-smoothing", lambda: ce(label_smoothing=0.1), logits(8, 6, scale=300.0),
+             gradcheck=False),
+        Case("ce-empty-batch", ce, logits(0, 5), gradcheck=False),
+    ]
+
+
+def bce_with_logits() -> list[Case]:
+    bce = nn.BCEWithLogitsLoss
+    w5 = lambda: _w(0.5, 2.0, 1.0, 0.25, 3.0)  # noqa: E731
+    extreme = fixed([100.0, -100.0, 100.0, -100.0, 40.0, -40.0], [1.0, 0.0, 0.0, 1.0, 0.5, 0.5])
+    return [
+        Case("bce-mean", bce, pair(4, 5, target="rand")),
+        Case("bce-sum", lambda: bce(reduction="sum"), pair(4, 5, target="rand")),
+        Case("bce-none", lambda: bce(reduction="none"), pair(2, 3, 4, target="rand")),
+        Case("bce-weight", lambda: bce(weight=w5()), pair(4, 5, target="rand")),
+        Case("bce-pos-weight", lambda: bce(pos_weight=w5()), pair(4, 5, target="rand", scale=3.0)),
+        Case("bce-weight-pos-weight-none",
+             lambda: bce(weight=_w(2.0, 0.5, 1.5, 1.0), pos_weight=_w(3.0, 1.0, 0.5, 2.0), reduction="none"),
+             pair(2, 2, 4, target="rand")),
+        Case("bce-extreme-logits", bce, extreme, gradcheck=False),
+        Case("bce-extreme-logits-pos-weight", lambda: bce(pos_weight=_w(3.0), reduction="sum"), extreme,
+             gradcheck=False),
+    ]
