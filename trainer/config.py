@@ -222,6 +222,9 @@ def import_modules(modules: Any, folder: Path | None = None) -> None:
             raise ConfigError(f"imports[{i}]", f"cannot import {name!r}: {e}",
                               suggestion="a module file next to the config or in the current directory, "
                                          "or an installed package") from None
+        except ConfigError as e:  # a registration the registry refused (layers.register's RegistrationError)
+            where = f"{name}: " if not e.path else f"{e.path}: "  # the user's file:line of the refused call
+            raise ConfigError(f"imports[{i}]", where + e.message, suggestion=e.suggestion) from None
 
 
 def from_dict(raw: Mapping[str, Any]) -> Config:

@@ -7,8 +7,10 @@ and swapping back is exact.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,10 +53,15 @@ class LayerSpec:
     pairs: tuple[tuple[type[nn.Module], type[nn.Module]], ...]
     cases: Callable[[], list[Case]] = field(default=lambda: [])
     saves: str = ""                 # what the twin's Function saves, in words ("y (output)")
-    double_backward: bool = True    # False: backward is @once_differentiable
-    vmap: bool = True               # torch.func.vmap/jacrev work (generate_vmap_rule or a vmap staticmethod)
-    compile: bool = True            # torch.compile(fullgraph=True) traces it without a graph break
+    # What the twin supports, as declared. A built-in's flags default to True (the test suite
+    # checks each of them); a user twin's default to None, "not declared": `trainer layers`
+    # then measures them, and gradcheck skips batched-grad checks.
+    double_backward: bool | None = None  # False: backward is @once_differentiable
+    vmap: bool | None = None             # torch.func.vmap/jacrev work (generate_vmap_rule or a vmap staticmethod)
+    compile: bool | None = None          # torch.compile(fullgraph=True) traces it without a graph break
     reduction: bool = False         # a reduction (norm, softmax, loss, matmul): looser float tolerances
+    origin: str = ""                # where it was registered: a built-in's module, or a user's file:line
+    builtin: bool = False           # one of trainer's own twins (registered by trainer.twins.*)
 
     @property
     def native(self) -> type[nn.Module]:
@@ -68,38 +75,94 @@ class LayerSpec:
 _SPECS: dict[str, LayerSpec] = {}
 
 
+class RegistrationError(ConfigError, ValueError):
+    """A layer registration the registry refuses; the CLI prints it as one ``error:`` line (exit 2)."""
+
+
+FLAGS = ("double_backward", "vmap", "compile")
+
+
 def register(name: str, *, native: type[nn.Module] | tuple[type[nn.Module], ...],
-             custom: type[nn.Module] | tuple[type[nn.Module], ...], **info) -> LayerSpec:
+             custom: type[nn.Module] | tuple[type[nn.Module], ...], replace: bool = False,
+             **info) -> LayerSpec:
     """Register a native layer class and its custom twin under ``name``.
+
+    A native class has one twin at a time. To use your own twin of a layer the registry
+    already covers, register it under that layer's name with ``replace=True``
+    (``register("silu", native=nn.SiLU, custom=MySiLU, replace=True)``): configs then
+    swap to yours with ``layers: {silu: custom}``.
 
     Args:
         name: registry key, snake_case like torch's (``layer_norm``).
         native: the native ``nn.Module`` class (or a tuple, e.g. BatchNorm1d and BatchNorm2d).
         custom: its twin (or a tuple, one per native class): a subclass that overrides
             ``forward`` only and defines no ``__init__``, so swapping is a class change.
-        **info: further ``LayerSpec`` fields (``cases``, ``saves``, ``double_backward``, ...).
+        replace: replace the entry already registered under ``name``, if any.
+        **info: further ``LayerSpec`` fields: ``cases`` (a list of ``Case``, or a function
+            returning one), ``saves``, ``double_backward``, ``vmap``, ``compile``, ``reduction``.
 
     Raises:
-        ValueError: the name is taken, a native class is already registered, or a twin
-            is not a plain subclass of its native class.
+        RegistrationError: (a ``ValueError``) the name is taken and ``replace`` is False, a
+            native class already has a twin under another name, or a twin is not a plain
+            subclass of its native class.
     """
     natives = native if isinstance(native, tuple) else (native,)
     customs = custom if isinstance(custom, tuple) else (custom,)
-    if name in _SPECS:
-        raise ValueError(f"layer {name!r} is already registered")
+    builtin = all(getattr(c, "__module__", "").startswith("trainer.") for c in customs)
+    if not builtin:  # the built-ins register first, so a clash is always reported at the user's call
+        import trainer.layers  # noqa: F401
+    where = builtin and customs[0].__module__ or _caller()
+
+    def refuse(message: str, suggestion: str) -> RegistrationError:
+        return RegistrationError(where, f"layer {name!r}: {message}", suggestion=suggestion)
+
+    call = f"layers.register({name!r}, native={_names(natives)}, custom={_names(customs)}"
+    if name in _SPECS and not replace:
+        raise refuse(f"the name is taken by {_describe(_SPECS[name])}",
+                     f"to use yours instead, pass replace=True: {call}, replace=True); or choose another name")
     if len(natives) != len(customs):
-        raise ValueError(f"layer {name!r}: {len(natives)} native classes but {len(customs)} custom ones")
-    taken = {n: s.name for s in _SPECS.values() for n, _ in s.pairs}
+        raise refuse(f"{len(natives)} native classes but {len(customs)} custom ones", "give one twin per native class")
+    taken = {n: s for s in _SPECS.values() if s.name != name for n, _ in s.pairs}
     for n, c in zip(natives, customs):
         if n in taken:
-            raise ValueError(f"layer {name!r}: {n.__name__} is already registered as {taken[n]!r}")
+            other = taken[n]
+            raise refuse(f"{n.__name__} already has a twin: layer {other.name!r}, {_describe(other)}",
+                         f"a native class has one twin at a time; to use yours, register it under that name "
+                         f"with replace=True: layers.register({other.name!r}, native={n.__name__}, "
+                         f"custom={getattr(c, '__name__', c)}, replace=True)")
         if not (isinstance(c, type) and issubclass(c, n)) or c is n:
-            raise ValueError(f"layer {name!r}: the custom class must be a subclass of {n.__name__}")
+            raise refuse(f"the custom class must be a subclass of {n.__name__}",
+                         f"write class {getattr(c, '__name__', 'MyTwin')}({n.__name__}) with a forward of its own")
         if "__init__" in vars(c):
-            raise ValueError(f"layer {name!r}: {c.__name__} must not define __init__ (a twin adds no state)")
-    spec = LayerSpec(name=name, pairs=tuple(zip(natives, customs)), **info)
+            raise refuse(f"{c.__name__} must not define __init__ (a twin adds no state)",
+                         "remove __init__; swapping changes an instance's class, so the native one's state is used")
+    cases = info.pop("cases", None)
+    if cases is not None and not callable(cases):
+        cases = (lambda given: lambda: list(given))(tuple(cases))
+    if builtin:
+        info = {flag: True for flag in FLAGS} | info
+    spec = LayerSpec(name=name, pairs=tuple(zip(natives, customs)), origin=where, builtin=builtin,
+                     **({"cases": cases} if cases is not None else {}), **info)
     _SPECS[name] = spec
     return spec
+
+
+def _names(classes: tuple[type, ...]) -> str:
+    names = [getattr(c, "__name__", repr(c)) for c in classes]
+    return names[0] if len(names) == 1 else f"({', '.join(names)})"
+
+
+def _describe(spec: LayerSpec) -> str:
+    customs = ", ".join(c.__name__ for _, c in spec.pairs)
+    return f"the built-in twin {customs}" if spec.builtin else f"the twin {customs} registered at {spec.origin}"
+
+
+def _caller() -> str:
+    """``file.py:line`` of the user's call to ``register`` (the first frame outside this file)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return "?" if frame is None else f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
 
 
 def get(name: str, path: str = "layers") -> LayerSpec:
