@@ -131,8 +131,10 @@ class HuberLossFunction(torch.autograd.Function):
     @staticmethod
     @in_float32
     def forward(x, t, reduction, delta):
-        d = x - t  # L = ½ d² where |d| < δ, else δ (|d| − ½ δ)
-        return _reduce(torch.where(d.abs() < delta, 0.5 * d * d, delta * (d.abs() - 0.5 * delta)), reduction)
+        # L = ½ d² where |d| < δ, else δ (|d| − ½ δ), d = x − t: both are h (d − ½ h) with h = clamp(d, −δ, δ)
+        d = x - t
+        h = d.clamp(-delta, delta)
+        return _reduce(h * (d - 0.5 * h), reduction)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -148,9 +150,8 @@ class HuberLossFunction(torch.autograd.Function):
 
 @in_float32
 def huber_backward(g, x, t, reduction, delta):
-    # dx = d r where |d| < δ, else δ sign(d) r (equal at |d| == δ, where, as native's, the second derivative is 0)
-    d = x - t
-    return torch.where(d.abs() < delta, d, delta * d.sign()) * _per_element(g, reduction, d.numel())
+    # dx = clamp(x − t, −δ, δ) r, as hardtanh, whose own derivative is 0 at ±δ like native's second derivative
+    return F.hardtanh(x - t, -delta, delta) * _per_element(g, reduction, x.numel())
 
 
 class CustomHuberLoss(nn.HuberLoss):
