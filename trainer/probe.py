@@ -168,7 +168,8 @@ def _close(a, b, spec: LayerSpec) -> bool:
 def _double_backward(spec: LayerSpec, case: Case) -> bool:
     fn, args = as_function(*prepare(spec, case, F64, "custom"))
     out = fn(*args)
-    grads = torch.autograd.grad(out, args, torch.randn_like(out), create_graph=True, allow_unused=True)
+    v = torch.randn_like(out, requires_grad=True)  # grads depend on v, even where the twin's 2nd derivative is 0
+    grads = torch.autograd.grad(out, args, v, create_graph=True, allow_unused=True)
     sum(g.sum() for g in grads if g is not None).backward()  # raises where backward is once-differentiable
     return torch.autograd.gradgradcheck(fn, args, fast_mode=True)
 
