@@ -15,7 +15,7 @@ from torch import nn
 
 from trainer.twins import amp, cases, registry
 from trainer.twins.amp import in_float32, opmath
-from trainer.twins.softmax import log_softmax
+from trainer.twins.softmax import log_softmax, softmax
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -231,7 +231,7 @@ def _r(g, valid, count, reduction, cdim):
 def cross_entropy_backward(g, x, t, w, ignore_index, reduction, eps):
     cdim = 1 if x.dim() > 1 else 0
     T, valid, count = _class_weights(x, t, w, ignore_index, eps)
-    p = log_softmax(x, cdim).exp()
+    p = softmax(x, cdim)
     # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
     return _r(g, valid, count, reduction, cdim) * (p * T.sum(cdim, keepdim=True) - T)
 

@@ -22,6 +22,11 @@ def _dim(module: nn.Softmax | nn.LogSoftmax, x: torch.Tensor, name: str) -> int:
     return F._get_softmax_dim(name, x.dim(), 5)
 
 
+def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    e = (x - x.amax(dim, keepdim=True)).exp()  # softmax(x) = e^z / Σ e^z with z = x − max x (no overflow)
+    return e / e.sum(dim, keepdim=True)
+
+
 def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     # log softmax(x) = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep their precision
     z = x - x.amax(dim, keepdim=True)
@@ -37,8 +42,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @in_float32
     def forward(x, dim):
-        e = (x - x.amax(dim, keepdim=True)).exp()  # softmax(x) = e^z / Σ e^z with z = x − max x (no overflow)
-        return e / e.sum(dim, keepdim=True)
+        return softmax(x, dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
