@@ -92,7 +92,8 @@ def test_cross_entropy_probability_target_grads_match_native(smoothing):
     x = torch.randn(4, 5, 3, dtype=torch.float64, generator=gen)
     t = torch.randn(4, 5, 3, dtype=torch.float64, generator=gen).softmax(1)
     grads = {}
-    for impl, module in zip(layers.IMPLS, twins(nn.CrossEntropyLoss(weight=WEIGHT.double(), label_smoothing=smoothing))):
+    module = nn.CrossEntropyLoss(weight=WEIGHT.double(), label_smoothing=smoothing)
+    for impl, module in zip(layers.IMPLS, twins(module)):
         xi, ti = x.clone().requires_grad_(), t.clone().requires_grad_()
         grads[impl] = torch.autograd.grad(module(xi, ti), (xi, ti))
     torch.testing.assert_close(grads["custom"], grads["native"])

@@ -262,8 +262,8 @@ def _softmax(native: type[nn.Module], name: str) -> list[Case]:
         Case(f"{name}-dim-2-3d", lambda: native(dim=-2), randn(2, 5, 3)),
         Case(f"{name}-dimNone-3d", lambda: native(dim=None), randn(3, 2, 4)),  # native picks dim 0
         Case(f"{name}-1d", lambda: native(dim=0), randn(9)),
-        Case(f"{name}-large", lambda: native(dim=1), values([1000.0, 999.0, -1000.0, 0.0], [-500.0, -501.0, -499.0, -1e4]),
-             gradcheck=False),
+        Case(f"{name}-large", lambda: native(dim=1),
+             values([1000.0, 999.0, -1000.0, 0.0], [-500.0, -501.0, -499.0, -1e4]), gradcheck=False),
         Case(f"{name}-wide-range", lambda: native(dim=-1), randn(3, 50, scale=30.0), gradcheck=False),
         Case(f"{name}-inf", lambda: native(dim=1), values([-math.inf, 0.0, 1.0], [-math.inf, -math.inf, -math.inf]),
              gradcheck=False),
@@ -349,7 +349,8 @@ def huber() -> list[Case]:
 def cross_entropy() -> list[Case]:
     ce = nn.CrossEntropyLoss
     w5 = lambda: _w(0.5, 2.0, 1.0, 0.25, 3.0)  # noqa: E731
-    all_ignored = lambda gen: (torch.randn(4, 5, generator=gen, dtype=torch.float64), torch.full((4,), -100))  # noqa: E731
+    all_ignored = lambda gen: (torch.randn(4, 5, generator=gen, dtype=torch.float64),  # noqa: E731
+                               torch.full((4,), -100))
     return [
         Case("ce-mean", ce, logits(6, 5)),
         Case("ce-sum", lambda: ce(reduction="sum"), logits(6, 5)),

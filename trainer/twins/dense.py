@@ -86,9 +86,8 @@ class Conv2dFunction(torch.autograd.Function):
 def conv2d_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     """``x`` padded as native pads it before the convolution, and the symmetric zero padding left to it.
 
-    ``padding_mode != 'zeros'`` pads x first (as ``nn.Conv2d._conv_forward`` does);
-    ``'same'`` with an odd total padding puts the extra zero row/col on the bottom/right
-    (as ATen's ``_convolution_mode`` does); ``'valid'`` is no padding.
+    ``padding_mode != 'zeros'`` pads x first (``nn.Conv2d._conv_forward``); ``'same'`` with an odd total
+    puts the extra zero row/col at the bottom/right (ATen's ``_convolution_mode``).
     """
     if conv.padding_mode != "zeros":
         return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)

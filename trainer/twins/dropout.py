@@ -1,16 +1,11 @@
 """Dropout: the Function, then the twin.
 
-The mask is drawn exactly as native CPU dropout draws it (``bernoulli_(1 - p)`` on a
-tensor shaped like x: the draws do not depend on that tensor's dtype), so one seed gives
-one mask and the same next draw in both implementations, and outputs and grads equal
-native's bit for bit. It is kept as a bool tensor, 1 byte per element, where native keeps
-a float mask of x's dtype.
-
-On CUDA native dropout is one fused kernel (``torch.native_dropout``) whose Philox draws
-depend on how it splits the tensor among threads, which no sequence of tensor ops
-reproduces. There the twin takes the mask, and the product, from that kernel, so one seed
-still gives one mask in both implementations (``trainer compare`` and shadow mode rely on
-that). The saving (the bool mask) and the backward are the twin's own on every device.
+On the CPU the mask is drawn as native draws it (``bernoulli_(1 - p)`` on a tensor shaped
+like x, whatever its dtype), so one seed gives one mask, the same next draw, and outputs and
+grads equal to native's bit for bit; it is kept as bool (1 B/elem), native's in x's dtype.
+On CUDA native's fused kernel draws in an order no tensor ops reproduce, so the twin takes
+the mask and the product from ``torch.native_dropout`` (``trainer compare`` and shadow mode
+need one mask per seed); what it saves and its backward are its own on every device.
 """
 from __future__ import annotations
 
@@ -28,12 +23,10 @@ def keep_scale(p: float, like: torch.Tensor) -> torch.Tensor:
 class DropoutFunction(torch.autograd.Function):
     """``y = x m / (1 - p)`` with m ~ Bernoulli(1 - p), or ``x`` itself when not ``train`` or ``p == 0``.
 
-    Returns ``(y, m)``: the bool mask is an output, marked non-differentiable, so that it can
-    be saved; it is None when nothing is random. Multiplying by m (not selecting with it)
-    keeps native's ``x * 0`` where it drops: -0 for negative x, NaN for inf. Like native,
-    the identity and p == 1 draw no random numbers. The identity returns x as-is, so autograd
-    hands back a view of it: unlike native's x itself, an in-place op on it raises while
-    grad is recorded (clone it first).
+    Returns ``(y, m)``: the bool mask is an output (non-differentiable) so that it can be saved,
+    None when nothing is random. Multiplying by m keeps native's ``x * 0`` where it drops (-0,
+    NaN for inf). Like native, the identity and p == 1 draw nothing. The identity's output is
+    a view of x: an in-place op on it raises while grad is recorded (clone it first).
     """
 
     generate_vmap_rule = True

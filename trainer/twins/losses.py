@@ -104,7 +104,8 @@ class L1LossFunction(torch.autograd.Function):
         (sign,) = ctx.saved_tensors
         if g is None:
             return None, None, None
-        dx = sign * _per_element(opmath(g), ctx.reduction, sign.numel())  # dx = sign(x − t) r (0 at x == t), dt = −dx
+        # dx = sign(x − t) r (0 at x == t, as native), dt = −dx
+        dx = sign * _per_element(opmath(g), ctx.reduction, sign.numel())
         return (dx.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
                 (-dx).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None)
 
@@ -131,7 +132,7 @@ class HuberLossFunction(torch.autograd.Function):
     @staticmethod
     @in_float32
     def forward(x, t, reduction, delta):
-        # L = ½ d² where |d| < δ, else δ (|d| − ½ δ), d = x − t: both are h (d − ½ h) with h = clamp(d, −δ, δ)
+        # L = ½ d² where |d| < δ, else δ (|d| − ½ δ), with d = x − t: both are h (d − ½ h), h = clamp(d, −δ, δ)
         d = x - t
         h = d.clamp(-delta, delta)
         return _reduce(h * (d - 0.5 * h), reduction)

@@ -1,11 +1,10 @@
 """Normalization: LayerNorm and BatchNorm1d/2d, each as the Function, then the twin.
 
 Both Functions return their statistics beside ``y``, as ``torch.native_layer_norm`` and
-``torch.native_batch_norm`` do: batch norm's module updates its running stats from them,
-and backward saves them. Because they are outputs (whose grad_fn is the Function) rather
-than hidden intermediates, double backward reaches ``x`` through them: each backward adds
-the terms their own grads bring (custom-functions.md section 1, the tutorial ``Sinh``).
-Half and bfloat16 inputs are normalized in float32, with float32 statistics, as native does.
+``native_batch_norm`` do: batch norm's module updates its running stats from them, and
+backward saves them. Being outputs, not hidden intermediates, they carry x's history, so
+double backward is exact: each backward adds the terms their own grads bring (the tutorial
+``Sinh``). Half and bfloat16 are normalized in float32, with float32 statistics, as native.
 """
 from __future__ import annotations
 
@@ -88,12 +87,8 @@ def _channels(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Batch norm over all dims but 1, returning ``(y, mean, var)``, or ``(y, None, None)`` in eval.
-
-    With ``running_mean``/``running_var`` given it normalizes with them (eval); otherwise
-    with the batch statistics (biased var, per channel, dims other than 1 kept as 1), which
-    it returns so that the module can update its running stats outside the Function.
-    """
+    """Batch norm over all dims but 1 with the batch statistics, returning ``(y, mean, var)`` (biased var, dims
+    other than 1 kept as 1); or, given ``running_mean`` and ``running_var`` (eval), with those: ``(y, None, None)``."""
 
     generate_vmap_rule = True
 

@@ -28,7 +28,7 @@ def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    # log softmax(x) = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep their precision
+    # log softmax(x) = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep precision
     z = x - x.amax(dim, keepdim=True)
     return z - z.exp().sum(dim, keepdim=True).log()
 
