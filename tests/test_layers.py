@@ -1,6 +1,10 @@
 """One parametrized walk over every registry layer: its twin against the native layer, case by case."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -87,6 +91,19 @@ def assert_same(spec, case, dtype, **kw):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_parity_with_native(spec, case, dtype):
     assert_same(spec, case, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", ["DEFAULT", "AVX2"])
+def test_edge_values_match_native_whatever_kernels_the_cpu_runs(capability):
+    """The edge cases again with ATen's kernels built for another instruction set (its vectorized loops
+    differ): the checks above may only compare what every x86-64 CPU computes alike."""
+    if capability == "AVX2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", __file__,
+                           "-k", "edges"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
 
 
 @pytest.mark.parametrize("spec,case", CASES, ids=IDS)
