@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from trainer import layers
-from trainer.audit import (as_function, backward_node_names, gradcheck_case, prepare, saved_bytes_in_model,
-                           tolerance)
+from trainer.audit import (as_function, backward_node_names, close_to_either, gradcheck_case, native_per_element,
+                           prepare, saved_bytes_in_model, tolerance)
 
 CASES = [(spec, case) for spec in layers.specs() for case in spec.cases()]
 IDS = [f"{spec.name}:{case.id}" for spec, case in CASES]
@@ -47,23 +47,9 @@ def run(spec, case, dtype, impl, *, transform=lambda t: t, grad_out=None, wants=
     return out, grads, backward_node_names(out), type(module), g
 
 
-def element_by_element(spec, case, dtype, g):
-    """Native's output and input grad computed on each element alone: a 1-element tensor takes the
-    scalar CPU loop, a longer one the vectorized loop (which one gets an element depends on the CPU)."""
-    module, (x,) = prepare(spec, case, dtype, "native")
-    outs, grads = [], []
-    for xi, gi in zip(x.detach().flatten(), g.flatten()):
-        xi = xi.reshape(1).requires_grad_()
-        yi = module(xi)
-        outs.append(yi.detach())
-        grads.append(torch.autograd.grad(yi, xi, gi.reshape(1))[0])
-    return torch.cat(outs).view(x.shape), torch.cat(grads).view(x.shape)
-
-
 def assert_matches_either(got, first, second, tol, what):
     """Each element of ``got`` close to ``first``'s or ``second``'s (the same where native agrees with itself)."""
-    ok = (torch.isclose(got, first, equal_nan=True, **tol) | torch.isclose(got, second, equal_nan=True, **tol))
-    bad = (~ok).nonzero().flatten().tolist()
+    bad = (~close_to_either(got, first, second, tol)).nonzero().flatten().tolist()
     assert not bad, (f"{what} at {bad}: custom {got[bad].tolist()}, "
                      f"native {first[bad].tolist()} or {second[bad].tolist()}")
 
@@ -74,7 +60,7 @@ def assert_same(spec, case, dtype, **kw):
     tol = tolerance(spec, dtype)
     assert len(grads_c) == len(grads_n)
     if case.edges:  # native may disagree with itself at an edge value: either of its answers is native's
-        out_e, grad_e = element_by_element(spec, case, dtype, g)
+        out_e, grad_e = native_per_element(spec, case, g, dtype)
         assert_matches_either(out_c, out_n, out_e, tol, "output")
         if grads_c:
             assert_matches_either(grads_c[0], grads_n[0], grad_e, tol, "grad 0")

@@ -189,3 +189,30 @@ def saved_bytes(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
         out = module(first, *inputs[1:])
         (out * b).sum()
     return sum(storages.values())
+
+
+def native_per_element(spec: LayerSpec, case: Case, g: torch.Tensor, dtype: torch.dtype = torch.float64,
+                       device: torch.device | str = "cpu", autocast: torch.dtype | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native's output and input grad for an edge case (``case.edges``), each element computed alone.
+
+    A 1-element tensor runs a CPU kernel's scalar loop, a longer one its vectorized loop, and
+    the two may differ at ±inf and NaN (which elements fall in the vectorized part depends on
+    the CPU): where they do, both are native's answer. ``g`` is the grad_output, shaped as the output.
+    """
+    module, (x,) = prepare(spec, case, dtype, "native", device=device)
+    outs, grads = [], []
+    for xi, gi in zip(x.detach().flatten(), g.flatten()):
+        xi = xi.reshape(1).requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            yi = module(xi)
+        outs.append(yi.detach())
+        grads.append(torch.autograd.grad(yi, xi, gi.reshape(1).to(yi.dtype))[0])
+    return torch.cat(outs).view(x.shape), torch.cat(grads).view(x.shape)
+
+
+def close_to_either(got: torch.Tensor, first: torch.Tensor, second: torch.Tensor, tol: dict[str, float]
+                    ) -> torch.Tensor:
+    """Elementwise: ``got`` within ``tol`` of ``first`` or of ``second`` (NaN matches NaN)."""
+    got, first, second = got.double(), first.double(), second.double()
+    return torch.isclose(got, first, equal_nan=True, **tol) | torch.isclose(got, second, equal_nan=True, **tol)
