@@ -79,6 +79,7 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, start: str) -> str:
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_a_user_twin_replaces_the_builtin_one_and_compare_runs_it(tmp_path):
     user_module(tmp_path, "my_silu", MY_SILU)
     (tmp_path / "ok.yaml").write_text(CONFIG.format(module="my_silu"))
@@ -104,7 +105,8 @@ def test_a_clash_is_one_error_line_naming_the_users_call_and_the_fix(tmp_path):
 
 
 def test_another_name_for_a_taken_native_class_says_to_replace_under_its_name(tmp_path):
-    user_module(tmp_path, "other", MY_SILU.replace('register("silu"', 'register("my_silu"').replace(", replace=True", ""))
+    text = MY_SILU.replace('register("silu"', 'register("my_silu"').replace(", replace=True", "")
+    user_module(tmp_path, "other", text)
     err = assert_one_error_line(run_cli("layers", "--imports", "other", cwd=tmp_path), "imports[0]: other.py:")
     assert "layer 'my_silu': SiLU already has a twin: layer 'silu', the built-in twin CustomSiLU" in err
     assert "register it under that name with replace=True: layers.register('silu'" in err
@@ -168,8 +170,8 @@ def test_what_cannot_be_derived_says_which_cases_to_add():
     spec = layers.LayerSpec(name="scale", pairs=((Scale, type("S", (Scale,), {})),))
     with pytest.raises(ConfigError, match=r"Scale\(\) needs factor.*cases=\[Case\('scale'"):
         check_cases(spec)
-    only_edges = layers.LayerSpec(name="e", pairs=((nn.ReLU, nn.ReLU),),
-                                  cases=lambda: [layers.Case("e", nn.ReLU, lambda g: (torch.zeros(3),), gradcheck=False)])
+    edge = layers.Case("e", nn.ReLU, lambda g: (torch.zeros(3),), gradcheck=False)
+    only_edges = layers.LayerSpec(name="e", pairs=((nn.ReLU, nn.ReLU),), cases=lambda: [edge])
     with pytest.raises(ConfigError, match="only edge-value cases"):
         check_cases(only_edges)
 
@@ -232,11 +234,23 @@ MORE = textwrap.dedent("""
             return LinearFunction.apply(x, self.weight, self.bias)
 
 
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+
+    class BrokenTwice(Twice):
+        def forward(self, x):
+            raise RuntimeError("not written yet")
+
+
     layers.register("scale", native=Scale, custom=MyScale)
     layers.register("linear", native=nn.Linear, custom=MyLinear, replace=True)
+    layers.register("twice", native=Twice, custom=BrokenTwice)
 """)
 
 
+@pytest.mark.slow
 def test_gradcheck_checks_a_user_twin_without_cases_on_derived_inputs(tmp_path):
     user_module(tmp_path, "my_silu", MY_SILU)
     ok = run_cli("gradcheck", "silu", "--imports", "my_silu", cwd=tmp_path)
@@ -252,6 +266,7 @@ def test_gradcheck_says_what_to_add_where_no_case_can_be_derived(tmp_path):
     assert "layer 'scale' has no cases" in err and "Scale() needs factor" in err and "cases=[Case('scale'" in err
 
 
+@pytest.mark.slow
 def test_layers_shows_measured_facts_for_user_twins_within_100_columns(tmp_path):
     user_module(tmp_path, "my_silu", MY_SILU)
     user_module(tmp_path, "more", MORE)
@@ -266,6 +281,7 @@ def test_layers_shows_measured_facts_for_user_twins_within_100_columns(tmp_path)
     scale_line = line_of(MORE, 'register("scale"')
     assert rows["scale"][2:7] == ["-", "unchecked", "unchecked", "unchecked", f"more.py:{scale_line}"]
     assert rows["relu"][3:7] == ["yes", "yes", "yes", "built-in"]  # declared, checked by tests/test_layers.py
+    assert rows["twice"][2:6] == ["-", "no", "no", "no"]  # a twin that raises is listed, not a traceback
     wide = run_cli("layers", "--wide", "--imports", "my_silu", cwd=tmp_path)
     assert "MySiLU" in wide.stdout and "CustomReLU" in wide.stdout and "MySiLU" not in proc.stdout
 

@@ -122,30 +122,20 @@ with gradgradcheck, native's jacrev or eager); unchecked (no case: add cases= to
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    import torch
-
     from trainer import layers
-    from trainer.audit import saved_bytes_in_model
-    from trainer.probe import check_cases, facts
+    from trainer.probe import facts, saved_per_element
 
     import_user_modules(args)
     rows = []
     for spec in layers.specs():
-        try:
-            case = (spec.cases() or check_cases(spec))[0]
-        except ConfigError:
-            case = None
-        per_elem = "-"
-        if case is not None:
-            numel = case.inputs(torch.Generator().manual_seed(0))[0].numel()
-            c, n = (saved_bytes_in_model(spec, case, impl) / numel for impl in ("custom", "native"))
-            per_elem = f"{c:.3g}/{n:.3g}"
+        per_elem = saved_per_element(spec)
         natives = ",".join(n.__name__ for n, _ in spec.pairs)
         customs = ",".join(c.__name__ for _, c in spec.pairs)
         found = facts(spec)
         flags = [found[flag] for flag in ("double_backward", "vmap", "compile")]
         origin = "built-in" if spec.builtin else spec.origin
-        rows.append([spec.name, natives, per_elem, *flags, origin] + ([customs, spec.saves or "-"] if args.wide else []))
+        wide = [customs, spec.saves or "-"] if args.wide else []
+        rows.append([spec.name, natives, per_elem, *flags, origin, *wide])
     headers = ["layer", "native", "B/elem", "2nd bwd", "vmap", "compile", "registered"]
     print(table(rows, headers + (["custom", "custom saves"] if args.wide else [])))
     print("\n" + LAYERS_LEGEND)

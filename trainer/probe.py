@@ -1,11 +1,5 @@
-"""User twins checked without being told how: a check case derived from the native class, and measured facts.
-
-A user registers a twin, perhaps without ``cases=``. ``check_cases`` then builds the native
-layer with small default arguments (``in_features=4``, ``in_channels=2``, ...) and finds an
-input it accepts (elementwise layers take any shape, ``Linear`` wants ``in_features`` last,
-``Conv2d`` wants ``(N, C, H, W)``, a loss a target), so ``trainer gradcheck`` has something
-to check, or says exactly what to add. ``facts`` measures what ``trainer layers`` shows for
-a user twin: whether double backward, vmap and torch.compile work, run on that case.
+"""User twins checked without being told how: a case derived from the native class (``check_cases``),
+and the facts `trainer layers` shows for them, measured on it (``facts``: double backward, vmap, compile).
 """
 from __future__ import annotations
 
@@ -17,7 +11,7 @@ import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
-from trainer.audit import as_function, prepare, tolerance
+from trainer.audit import as_function, prepare, saved_bytes_in_model, tolerance
 from trainer.errors import ConfigError
 from trainer.layers import Case, LayerSpec
 
@@ -46,7 +40,14 @@ def check_cases(spec: LayerSpec, path: str = "LAYER") -> list[Case]:
 
 
 def derive_case(spec: LayerSpec, path: str = "LAYER") -> Case:
-    """A ``Case`` built from the native class alone: default arguments and an input it accepts."""
+    """A ``Case`` built from the native class alone: default arguments and an input it accepts.
+
+    The native layer is built with its required constructor arguments from ``SIZES``
+    (``in_features=4``, ``in_channels=2``, ...) and fed the first input it accepts, tried
+    from what its attributes say (``Linear``: ``in_features`` columns; ``Conv2d``:
+    ``(1, in_channels, 5, 5)``; a loss: an input and a target), then any-shape tensors
+    (elementwise layers).
+    """
     native = spec.native
     build, why = _builder(native)
     if build is not None:
@@ -116,6 +117,22 @@ def _candidates(module: nn.Module) -> list[Callable[[torch.Generator], tuple[tor
     if hasattr(module, "normalized_shape"):
         found.append(_randn((3, *module.normalized_shape)))
     return found + [_randn((3, 5)), _randn((2, 3, 4, 4))]
+
+
+def saved_per_element(spec: LayerSpec) -> str:
+    """``custom/native`` bytes autograd saves per input element inside Linear -> layer -> Linear, on the
+    layer's first case (given or derived); ``-`` with no case, or where the twin fails to run."""
+    try:
+        case = (spec.cases() or check_cases(spec))[0]
+        numel = case.inputs(torch.Generator().manual_seed(0))[0].numel()
+        custom, native = (saved_bytes_in_model(spec, case, impl) / numel for impl in ("custom", "native"))
+    except ConfigError:
+        return "-"
+    except Exception:
+        if spec.builtin:
+            raise
+        return "-"  # a user twin that fails to run: its facts say "no"
+    return f"{custom:.3g}/{native:.3g}"
 
 
 def facts(spec: LayerSpec) -> dict[str, str]:
