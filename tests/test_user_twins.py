@@ -14,7 +14,7 @@ from conftest import run_cli
 from trainer import layers
 from trainer.errors import ConfigError
 from trainer.probe import check_cases, derive_case
-from trainer.twins.registry import RegistrationError
+from trainer.layers import RegistrationError
 
 MY_SILU = textwrap.dedent("""
     import torch
@@ -113,17 +113,16 @@ def test_another_name_for_a_taken_native_class_says_to_replace_under_its_name(tm
 
 
 def test_import_order_never_blames_a_builtin(tmp_path):
-    """A user module that registers through the registry module before trainer.layers was ever imported."""
-    early = MY_SILU.replace("from trainer import layers", "from trainer.twins import registry as layers")
-    user_module(tmp_path, "early_ok", early)
-    user_module(tmp_path, "early_clash", early.replace(", replace=True", ""))
+    """A user module imported first in a fresh process: the built-ins are registered before its call, always."""
+    user_module(tmp_path, "early_ok", MY_SILU)
+    user_module(tmp_path, "early_clash", MY_SILU.replace(", replace=True", ""))
     script = "import sys, {m}; from trainer import layers; print(layers.get('silu').custom.__module__)"
     ok = subprocess.run([sys.executable, "-c", script.format(m="early_ok")], cwd=tmp_path, capture_output=True,
                         text=True, timeout=120)
     assert ok.returncode == 0 and ok.stdout.strip() == "early_ok", ok.stderr
     bad = subprocess.run([sys.executable, "-c", script.format(m="early_clash")], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)
-    assert "RegistrationError: early_clash.py:" in bad.stderr and "trainer/twins/" not in bad.stderr.splitlines()[-1]
+    assert "RegistrationError: early_clash.py:" in bad.stderr and "trainer/" not in bad.stderr.splitlines()[-1]
 
 
 def test_register_accepts_a_list_of_cases_and_replace_swaps_to_the_new_twin():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 from trainer.twins.amp import in_float32
 
 
@@ -47,9 +47,6 @@ class CustomReLU(nn.ReLU):
         return amp.apply(ReLUFunction, amp.KEEP, x)
 
 
-registry.register("relu", native=nn.ReLU, custom=CustomReLU, saves="y (output)", cases=cases.relu)
-
-
 # --- leaky_relu -------------------------------------------------------------------------
 
 class LeakyReLUFunction(torch.autograd.Function):
@@ -79,10 +76,6 @@ class CustomLeakyReLU(nn.LeakyReLU):
 
     def forward(self, x):
         return amp.apply(LeakyReLUFunction, amp.KEEP, x, self.negative_slope)
-
-
-registry.register("leaky_relu", native=nn.LeakyReLU, custom=CustomLeakyReLU,
-                  saves="y (output); x when negative_slope < 0", cases=cases.leaky_relu)
 
 
 # --- elu --------------------------------------------------------------------------------
@@ -122,9 +115,6 @@ class CustomELU(nn.ELU):
 
     def forward(self, x):
         return amp.apply(ELUFunction, amp.KEEP, x, self.alpha)
-
-
-registry.register("elu", native=nn.ELU, custom=CustomELU, saves="y (output); x when alpha < 0", cases=cases.elu)
 
 
 # --- gelu -------------------------------------------------------------------------------
@@ -177,9 +167,6 @@ class CustomGELU(nn.GELU):
         return amp.apply(GELUFunction, amp.KEEP, x, self.approximate)
 
 
-registry.register("gelu", native=nn.GELU, custom=CustomGELU, saves="x (input)", cases=cases.gelu)
-
-
 # --- silu -------------------------------------------------------------------------------
 
 class SiLUFunction(torch.autograd.Function):
@@ -216,9 +203,6 @@ class CustomSiLU(nn.SiLU):
         return amp.apply(SiLUFunction, amp.KEEP, x)
 
 
-registry.register("silu", native=nn.SiLU, custom=CustomSiLU, saves="x (input)", cases=cases.silu)
-
-
 # --- mish -------------------------------------------------------------------------------
 
 class MishFunction(torch.autograd.Function):
@@ -253,9 +237,6 @@ class CustomMish(nn.Mish):
 
     def forward(self, x):
         return amp.apply(MishFunction, amp.KEEP, x)
-
-
-registry.register("mish", native=nn.Mish, custom=CustomMish, saves="x (input)", cases=cases.mish)
 
 
 # --- softplus ---------------------------------------------------------------------------
@@ -295,9 +276,6 @@ class CustomSoftplus(nn.Softplus):
         return amp.apply(SoftplusFunction, amp.FP32_ON_CUDA, x, self.beta, self.threshold)
 
 
-registry.register("softplus", native=nn.Softplus, custom=CustomSoftplus, saves="x (input)", cases=cases.softplus)
-
-
 # --- sigmoid ----------------------------------------------------------------------------
 
 class SigmoidFunction(torch.autograd.Function):
@@ -330,9 +308,6 @@ class CustomSigmoid(nn.Sigmoid):
 
     def forward(self, x):
         return amp.apply(SigmoidFunction, amp.KEEP, x)
-
-
-registry.register("sigmoid", native=nn.Sigmoid, custom=CustomSigmoid, saves="y (output)", cases=cases.sigmoid)
 
 
 # --- tanh -------------------------------------------------------------------------------
@@ -370,9 +345,6 @@ class CustomTanh(nn.Tanh):
         return amp.apply(TanhFunction, amp.KEEP, x)
 
 
-registry.register("tanh", native=nn.Tanh, custom=CustomTanh, saves="y (output)", cases=cases.tanh)
-
-
 # --- hardsigmoid ------------------------------------------------------------------------
 
 class HardsigmoidFunction(torch.autograd.Function):
@@ -402,10 +374,6 @@ class CustomHardsigmoid(nn.Hardsigmoid):
 
     def forward(self, x):
         return amp.apply(HardsigmoidFunction, amp.KEEP, x)
-
-
-registry.register("hardsigmoid", native=nn.Hardsigmoid, custom=CustomHardsigmoid, saves="x (input)",
-                  cases=cases.hardsigmoid)
 
 
 # --- hardswish --------------------------------------------------------------------------
@@ -441,6 +409,3 @@ class CustomHardswish(nn.Hardswish):
 
     def forward(self, x):
         return amp.apply(HardswishFunction, amp.KEEP, x)
-
-
-registry.register("hardswish", native=nn.Hardswish, custom=CustomHardswish, saves="x (input)", cases=cases.hardswish)

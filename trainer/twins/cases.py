@@ -6,11 +6,36 @@ Inputs are float64 builders ``make(generator) -> tuple of tensors``; the checks 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from trainer.twins.registry import Case
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration on which a twin is checked against its native layer.
+
+    Attributes:
+        id: short label, e.g. ``"gelu-tanh"`` or ``"relu-zeros"``.
+        module: builds the *native* module (the checks cast it and swap a copy).
+        inputs: builds the forward arguments in float64 from a generator; floating
+            tensors are cast to the dtype under test and get ``requires_grad``.
+        gradcheck: False for cases compared with native only (kinks, thresholds, where
+            finite differences are meaningless, or inputs too large to gradcheck quickly).
+        train: run the module in train (True) or eval (False) mode.
+        edges: an elementwise layer's edge values (infinities, NaN, kinks): compared with
+            native only where native agrees with itself element by element (its vectorized
+            and scalar CPU loops may differ there), elsewhere with one of native's answers.
+    """
+
+    id: str
+    module: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], tuple[torch.Tensor, ...]]
+    gradcheck: bool = True
+    train: bool = True
+    edges: bool = False
 
 # --- input builders ---------------------------------------------------------------------
 

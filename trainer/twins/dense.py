@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 
 # --- linear -----------------------------------------------------------------------------
 
@@ -44,10 +44,6 @@ class CustomLinear(nn.Linear):
 
     def forward(self, x):
         return amp.apply(LinearFunction, amp.LOWER, x, self.weight, self.bias)
-
-
-registry.register("linear", native=nn.Linear, custom=CustomLinear, reduction=True, cases=cases.linear,
-                  saves="x if dW is needed, W if dx is needed")
 
 
 # --- conv2d -----------------------------------------------------------------------------
@@ -112,7 +108,3 @@ class CustomConv2d(nn.Conv2d):
         y = amp.apply(Conv2dFunction, amp.LOWER, x, self.weight, self.bias,
                       self.stride, padding, self.dilation, self.groups)
         return y.squeeze(0) if unbatched else y
-
-
-registry.register("conv2d", native=nn.Conv2d, custom=CustomConv2d, reduction=True, cases=cases.conv2d,
-                  saves="x if dW is needed, W if dx is needed")

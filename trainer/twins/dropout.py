@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 
 
 def keep_scale(p: float, like: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,3 @@ class CustomDropout(nn.Dropout):
     def forward(self, x):
         y, _ = amp.apply(DropoutFunction, amp.KEEP, x, self.p, self.training)
         return y
-
-
-registry.register("dropout", native=nn.Dropout, custom=CustomDropout, cases=cases.dropout,
-                  saves="bool mask (1 B/elem); nothing if p in {0, 1} or eval")

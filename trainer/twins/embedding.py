@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 
 
 class EmbeddingFunction(torch.autograd.Function):
@@ -55,6 +55,3 @@ class CustomEmbedding(nn.Embedding):
             with torch.no_grad():
                 torch.embedding_renorm_(self.weight, idx, self.max_norm, self.norm_type)
         return amp.apply(EmbeddingFunction, amp.KEEP, idx, self.weight, self.padding_idx, self.scale_grad_by_freq)
-
-
-registry.register("embedding", native=nn.Embedding, custom=CustomEmbedding, saves="indices", cases=cases.embedding)

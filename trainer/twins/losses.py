@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 from trainer.twins.amp import in_float32, opmath
 from trainer.twins.softmax import log_softmax, softmax
 
@@ -75,10 +75,6 @@ class CustomMSELoss(nn.MSELoss):
         return amp.apply(MSELossFunction, amp.FP32, *_broadcast(input, target), self.reduction)
 
 
-registry.register("mse", native=nn.MSELoss, custom=CustomMSELoss, saves="x, t (inputs)", reduction=True,
-                  cases=cases.mse)
-
-
 # --- l1 ------------------------------------------------------------------------------------
 
 
@@ -117,10 +113,6 @@ class CustomL1Loss(nn.L1Loss):
 
     def forward(self, input, target):
         return amp.apply(L1LossFunction, amp.FP32, *_broadcast(input, target), self.reduction)[0]
-
-
-registry.register("l1", native=nn.L1Loss, custom=CustomL1Loss, saves="sign(x − t) (int8, an extra output)",
-                  reduction=True, cases=cases.l1)
 
 
 # --- huber ---------------------------------------------------------------------------------
@@ -162,10 +154,6 @@ class CustomHuberLoss(nn.HuberLoss):
 
     def forward(self, input, target):
         return amp.apply(HuberLossFunction, amp.FP32, *_broadcast(input, target), self.reduction, self.delta)
-
-
-registry.register("huber", native=nn.HuberLoss, custom=CustomHuberLoss, saves="x, t (inputs)", reduction=True,
-                  cases=cases.huber)
 
 
 # --- cross_entropy -------------------------------------------------------------------------
@@ -271,10 +259,6 @@ class CustomCrossEntropyLoss(nn.CrossEntropyLoss):
                          self.reduction, self.label_smoothing)
 
 
-registry.register("cross_entropy", native=nn.CrossEntropyLoss, custom=CustomCrossEntropyLoss, reduction=True,
-                  saves="logits, target, weight (as many bytes as native's log p)", cases=cases.cross_entropy)
-
-
 # --- bce_with_logits -----------------------------------------------------------------------
 
 
@@ -326,7 +310,3 @@ class CustomBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
             raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
         return amp.apply(BCEWithLogitsFunction, amp.FP32, input, target, self.weight, self.pos_weight,
                          self.reduction)
-
-
-registry.register("bce_with_logits", native=nn.BCEWithLogitsLoss, custom=CustomBCEWithLogitsLoss, reduction=True,
-                  saves="x, t (inputs)", cases=cases.bce_with_logits)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 from trainer.twins.amp import as_dtype, opmath
 
 # --- layer_norm ---------------------------------------------------------------------------
@@ -72,10 +72,6 @@ class CustomLayerNorm(nn.LayerNorm):
                                f"[*, {', '.join(map(str, self.normalized_shape))}], but got input of size{x.shape}")
         y, _, _ = amp.apply(LayerNormFunction, amp.FP32_ON_CUDA, x, self.weight, self.bias, k, self.eps)
         return y
-
-
-registry.register("layer_norm", native=nn.LayerNorm, custom=CustomLayerNorm, reduction=True, cases=cases.layer_norm,
-                  saves="x, mean, rstd (as native; statistics in float32)")
 
 
 # --- batch_norm ---------------------------------------------------------------------------
@@ -176,12 +172,3 @@ class CustomBatchNorm1d(_BatchNormTwin, nn.BatchNorm1d):
 
 class CustomBatchNorm2d(_BatchNormTwin, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` computed by ``BatchNormFunction``."""
-
-
-# vmap: in training the module mutates its running-stat buffers, which torch.func refuses for captured
-# tensors ("mutate a captured Tensor"), native BatchNorm included: pass the buffers in (functional_call),
-# as trainer.audit.as_function does.
-registry.register(
-    "batch_norm", native=(nn.BatchNorm1d, nn.BatchNorm2d), custom=(CustomBatchNorm1d, CustomBatchNorm2d),
-    reduction=True, cases=cases.batch_norm,
-    saves="x, batch mean and var (as native; statistics in float32); eval: x only for dγ")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.twins import amp, cases, registry
+from trainer.twins import amp
 from trainer.twins.amp import in_float32
 
 
@@ -69,10 +69,6 @@ class CustomSoftmax(nn.Softmax):
         return amp.apply(SoftmaxFunction, amp.FP32_ON_CUDA, x, _dim(self, x, "softmax"))
 
 
-registry.register("softmax", native=nn.Softmax, custom=CustomSoftmax, saves="y (output)", reduction=True,
-                  cases=cases.softmax)
-
-
 # --- log_softmax ---------------------------------------------------------------------------
 
 
@@ -107,7 +103,3 @@ class CustomLogSoftmax(nn.LogSoftmax):
 
     def forward(self, x):
         return amp.apply(LogSoftmaxFunction, amp.FP32_ON_CUDA, x, _dim(self, x, "log_softmax"))
-
-
-registry.register("log_softmax", native=nn.LogSoftmax, custom=CustomLogSoftmax, saves="y (output)",
-                  reduction=True, cases=cases.log_softmax)
