@@ -1,10 +1,6 @@
-"""Elementwise activations, one block per op: the Function (forward = the formula, backward = its derivative),
-then the ``CustomXxx`` twin module, then its registration.
+"""Elementwise activations: per op the Function (forward = the formula, backward = its derivative), then its twin.
 
-Branches are ``torch.where`` on the same comparisons native kernels make, so every edge
-(x == 0, the thresholds, NaN) takes native's side. Half and bfloat16 are computed in
-float32 and rounded once (``amp.in_float32``), as native kernels do. Each backward is
-written in differentiable torch ops, so double backward and ``torch.func`` run the same code.
+Branches are ``torch.where`` on native's comparisons, so every edge (x == 0, thresholds, NaN) takes native's side.
 """
 from __future__ import annotations
 
@@ -15,10 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.twins import amp
-from trainer.twins.amp import in_float32
+from trainer.twins.amp import in_float32, opmath
 
-
-# --- relu -------------------------------------------------------------------------------
 
 class ReLUFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -40,14 +34,11 @@ class ReLUFunction(torch.autograd.Function):
 
 class CustomReLU(nn.ReLU):
     """``nn.ReLU`` computed by ``ReLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = ReLUFunction
 
     def forward(self, x):
         return amp.apply(ReLUFunction, amp.KEEP, x)
 
-
-# --- leaky_relu -------------------------------------------------------------------------
 
 class LeakyReLUFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -71,14 +62,11 @@ class LeakyReLUFunction(torch.autograd.Function):
 
 class CustomLeakyReLU(nn.LeakyReLU):
     """``nn.LeakyReLU`` computed by ``LeakyReLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = LeakyReLUFunction
 
     def forward(self, x):
         return amp.apply(LeakyReLUFunction, amp.KEEP, x, self.negative_slope)
 
-
-# --- elu --------------------------------------------------------------------------------
 
 class ELUFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -91,33 +79,25 @@ class ELUFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, ctx.alpha = inputs
-        # with alpha >= 0, y > 0 exactly where x > 0, and there alpha e^x = y + alpha
-        ctx.from_y = ctx.alpha >= 0
+        ctx.from_y = ctx.alpha >= 0  # then y > 0 exactly where x > 0, and there alpha e^x = y + alpha
         ctx.save_for_backward(output if ctx.from_y else x)
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (t,) = ctx.saved_tensors
-        return elu_backward(g, t, ctx.alpha, ctx.from_y), None
-
-
-@in_float32
-def elu_backward(g, t, alpha, from_y):
-    # d/dx = alpha e^x where x <= 0 (alpha at 0), else 1; alpha e^x = y + alpha
-    slope = t + alpha if from_y else alpha * torch.exp(t)
-    return torch.where(t <= 0, g * slope, g)
+        t = opmath(ctx.saved_tensors[0])
+        # d/dx = alpha e^x where x <= 0 (alpha at 0), else 1; alpha e^x = y + alpha
+        slope = t + ctx.alpha if ctx.from_y else ctx.alpha * torch.exp(t)
+        return torch.where(t <= 0, g * slope, g), None
 
 
 class CustomELU(nn.ELU):
     """``nn.ELU`` computed by ``ELUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = ELUFunction
 
     def forward(self, x):
         return amp.apply(ELUFunction, amp.KEEP, x, self.alpha)
 
-
-# --- gelu -------------------------------------------------------------------------------
 
 SQRT1_2 = 1 / math.sqrt(2)              # 'none': Phi(x) = (1 + erf(x / sqrt 2)) / 2
 INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)  # phi(x) = e^(-x^2/2) / sqrt(2 pi)
@@ -143,31 +123,24 @@ class GELUFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return gelu_backward(g, x, ctx.approximate), None
-
-
-@in_float32
-def gelu_backward(g, x, approximate):
-    if approximate == "tanh":
-        # d/dx = (1 + t) / 2 + x/2 (1 - t^2) z', t = tanh z, z' = beta (1 + 3 kappa x^2)
-        t = torch.tanh(BETA * (x + KAPPA * x**3))
-        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * BETA * (1 + 3 * KAPPA * x * x))
-    # d/dx = Phi(x) + x phi(x)
-    return g * (0.5 * (1 + torch.erf(x * SQRT1_2)) + x * INV_SQRT_2PI * torch.exp(-0.5 * x * x))
+        x = opmath(ctx.saved_tensors[0])
+        if ctx.approximate == "tanh":
+            # d/dx = (1 + t) / 2 + x/2 (1 - t^2) z', t = tanh z, z' = beta (1 + 3 kappa x^2)
+            t = torch.tanh(BETA * (x + KAPPA * x**3))
+            return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * BETA * (1 + 3 * KAPPA * x * x)), None
+        # d/dx = Phi(x) + x phi(x)
+        return g * (0.5 * (1 + torch.erf(x * SQRT1_2)) + x * INV_SQRT_2PI * torch.exp(-0.5 * x * x)), None
 
 
 class CustomGELU(nn.GELU):
     """``nn.GELU`` (both ``approximate`` modes) computed by ``GELUFunction``."""
-
     function = GELUFunction
 
     def forward(self, x):
         return amp.apply(GELUFunction, amp.KEEP, x, self.approximate)
 
-
-# --- silu -------------------------------------------------------------------------------
 
 class SiLUFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -182,28 +155,20 @@ class SiLUFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return silu_backward(g, x)
-
-
-@in_float32
-def silu_backward(g, x):
-    # d/dx = s (1 + x (1 - s)), s = sigmoid(x)
-    s = torch.sigmoid(x)
-    return g * s * (1 + x * (1 - s))
+        x = opmath(ctx.saved_tensors[0])
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s))  # d/dx = s (1 + x (1 - s)), s = sigmoid(x)
 
 
 class CustomSiLU(nn.SiLU):
     """``nn.SiLU`` computed by ``SiLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = SiLUFunction
 
     def forward(self, x):
         return amp.apply(SiLUFunction, amp.KEEP, x)
 
-
-# --- mish -------------------------------------------------------------------------------
 
 class MishFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -218,28 +183,21 @@ class MishFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return mish_backward(g, x)
-
-
-@in_float32
-def mish_backward(g, x):
-    # d/dx = T + x sigmoid(x) (1 - T^2), T = tanh(softplus x) (softplus, not log(1 + e^x), stays finite)
-    t = torch.tanh(F.softplus(x))
-    return g * (t + x * torch.sigmoid(x) * (1 - t * t))
+        x = opmath(ctx.saved_tensors[0])
+        # d/dx = T + x sigmoid(x) (1 - T^2), T = tanh(softplus x) (softplus, not log(1 + e^x), stays finite)
+        t = torch.tanh(F.softplus(x))
+        return g * (t + x * torch.sigmoid(x) * (1 - t * t))
 
 
 class CustomMish(nn.Mish):
     """``nn.Mish`` computed by ``MishFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = MishFunction
 
     def forward(self, x):
         return amp.apply(MishFunction, amp.KEEP, x)
 
-
-# --- softplus ---------------------------------------------------------------------------
 
 class SoftplusFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -256,27 +214,20 @@ class SoftplusFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return softplus_backward(g, x, ctx.beta, ctx.threshold), None, None
-
-
-@in_float32
-def softplus_backward(g, x, beta, threshold):
-    # d/dx = 1 if beta x > threshold (strictly, as native) else sigmoid(beta x)
-    return torch.where(x * beta > threshold, g, g * torch.sigmoid(x * beta))
+        x = opmath(ctx.saved_tensors[0])
+        # d/dx = 1 if beta x > threshold (strictly, as native) else sigmoid(beta x)
+        return torch.where(x * ctx.beta > ctx.threshold, g, g * torch.sigmoid(x * ctx.beta)), None, None
 
 
 class CustomSoftplus(nn.Softplus):
     """``nn.Softplus`` computed by ``SoftplusFunction``; like native, float32 under CUDA autocast."""
-
     function = SoftplusFunction
 
     def forward(self, x):
         return amp.apply(SoftplusFunction, amp.FP32_ON_CUDA, x, self.beta, self.threshold)
 
-
-# --- sigmoid ----------------------------------------------------------------------------
 
 class SigmoidFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -291,26 +242,19 @@ class SigmoidFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # the derivative needs y only, which the next layer keeps anyway
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return sigmoid_backward(g, y)
-
-
-@in_float32
-def sigmoid_backward(g, y):
-    return g * (1 - y) * y  # d/dx = y (1 - y)
+        y = opmath(ctx.saved_tensors[0])
+        return g * (1 - y) * y  # d/dx = y (1 - y)
 
 
 class CustomSigmoid(nn.Sigmoid):
     """``nn.Sigmoid`` computed by ``SigmoidFunction``."""
-
     function = SigmoidFunction
 
     def forward(self, x):
         return amp.apply(SigmoidFunction, amp.KEEP, x)
 
-
-# --- tanh -------------------------------------------------------------------------------
 
 class TanhFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -318,34 +262,26 @@ class TanhFunction(torch.autograd.Function):
     @staticmethod
     @in_float32
     def forward(x):
-        # y = (e^2x - 1) / (e^2x + 1), as torch.tanh computes it (the formula as written overflows)
-        return torch.tanh(x)
+        return torch.tanh(x)  # y = (e^2x - 1) / (e^2x + 1), as torch.tanh computes it (as written it overflows)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output)  # the derivative needs y only, which the next layer keeps anyway
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return tanh_backward(g, y)
-
-
-@in_float32
-def tanh_backward(g, y):
-    return g * (1 - y * y)  # d/dx = 1 - y^2
+        y = opmath(ctx.saved_tensors[0])
+        return g * (1 - y * y)  # d/dx = 1 - y^2
 
 
 class CustomTanh(nn.Tanh):
     """``nn.Tanh`` computed by ``TanhFunction``."""
-
     function = TanhFunction
 
     def forward(self, x):
         return amp.apply(TanhFunction, amp.KEEP, x)
 
-
-# --- hardsigmoid ------------------------------------------------------------------------
 
 class HardsigmoidFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -369,14 +305,11 @@ class HardsigmoidFunction(torch.autograd.Function):
 
 class CustomHardsigmoid(nn.Hardsigmoid):
     """``nn.Hardsigmoid`` computed by ``HardsigmoidFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = HardsigmoidFunction
 
     def forward(self, x):
         return amp.apply(HardsigmoidFunction, amp.KEEP, x)
 
-
-# --- hardswish --------------------------------------------------------------------------
 
 class HardswishFunction(torch.autograd.Function):
     generate_vmap_rule = True
@@ -391,20 +324,15 @@ class HardswishFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return hardswish_backward(g, x)
-
-
-@in_float32
-def hardswish_backward(g, x):
-    # d/dx = 0 up to -3 (at -3 too), x/3 + 1/2 on the open interval (-3, 3), 1 from 3 on (at 3 too), as native
-    return torch.where(x <= -3, 0.0, torch.where(x < 3, g * (x / 3 + 0.5), g))
+        x = opmath(ctx.saved_tensors[0])
+        # d/dx = 0 up to -3 (at -3 too), x/3 + 1/2 on the open interval (-3, 3), 1 from 3 on (at 3 too), as native
+        return torch.where(x <= -3, 0.0, torch.where(x < 3, g * (x / 3 + 0.5), g))
 
 
 class CustomHardswish(nn.Hardswish):
     """``nn.Hardswish`` computed by ``HardswishFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = HardswishFunction
 
     def forward(self, x):

@@ -1,11 +1,7 @@
-"""How a twin calls its Function (autocast as native would see it), and half types computed in float32.
+"""How a twin calls its Function under autocast, and half types computed in float32.
 
-Autocast casts op by op inside a Function's forward but not in its backward, so a twin
-whose forward ran under autocast would see mixed dtypes in backward (custom-functions.md
-section 5). Instead the twin's module casts its inputs once, the way autocast treats the
-native op on that device (the policy), and the Function runs with autocast off in both
-directions: the same contract as ``torch.amp.custom_fwd(cast_inputs=...)``, which cannot
-be combined with ``setup_context`` (pytorch#132388).
+A twin casts its inputs once, as autocast treats the native op (the policy), and runs its Function with autocast off
+both ways: ``torch.amp.custom_fwd(cast_inputs=...)``'s contract, which cannot go with ``setup_context`` (pytorch#132388).
 """
 from __future__ import annotations
 
@@ -14,8 +10,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-# Policies, by device type: "lower" runs in the autocast dtype (linear, conv), "fp32" in
-# float32 (losses; on CUDA also norms and softmax), absent means the input dtype is kept.
+# Policies by device type: "lower" runs in the autocast dtype, "fp32" in float32, absent keeps the input dtype
 LOWER = {"cpu": "lower", "cuda": "lower"}
 FP32 = {"cpu": "fp32", "cuda": "fp32"}
 FP32_ON_CUDA = {"cuda": "fp32"}
@@ -34,17 +29,16 @@ def as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 def in_float32(fn: Callable) -> Callable:
-    """``fn`` computed in float32 when a tensor argument is half or bfloat16, its result rounded once
-    to that dtype, as native kernels compute ("opmath"); in any other dtype ``fn`` runs as it is.
-
-    Wraps a twin's forward formula or derivative: ``fn(*args)`` returns one tensor.
-    """
+    """``fn`` computed in float32 when a tensor argument is half or bfloat16, each tensor it returns rounded once
+    to that dtype, as native kernels compute ("opmath"). Wraps a forward formula or a backward (whose saved
+    tensors, not arguments, are read through ``opmath``); in any other dtype ``fn`` runs as it is."""
     @functools.wraps(fn)
     def wrapped(*args):
         low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in LOW), None)
         if low is None:
             return fn(*args)
-        return fn(*(opmath(a) if isinstance(a, torch.Tensor) else a for a in args)).to(low)
+        out = fn(*(opmath(a) if isinstance(a, torch.Tensor) else a for a in args))
+        return out.to(low) if isinstance(out, torch.Tensor) else tuple(as_dtype(t, low) for t in out)
     return wrapped
 
 

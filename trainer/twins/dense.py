@@ -1,4 +1,4 @@
-"""Linear and Conv2d: the Function, then the twin, one block per op."""
+"""Linear and Conv2d: the Function, then its twin."""
 from __future__ import annotations
 
 import torch
@@ -6,8 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.twins import amp
-
-# --- linear -----------------------------------------------------------------------------
 
 
 class LinearFunction(torch.autograd.Function):
@@ -39,19 +37,14 @@ class LinearFunction(torch.autograd.Function):
 
 class CustomLinear(nn.Linear):
     """``nn.Linear`` computed by ``LinearFunction``; runs in the autocast dtype like native."""
-
     function = LinearFunction
 
     def forward(self, x):
         return amp.apply(LinearFunction, amp.LOWER, x, self.weight, self.bias)
 
 
-# --- conv2d -----------------------------------------------------------------------------
-
-
 class Conv2dFunction(torch.autograd.Function):
     """``y = W ⋆ x + b`` on batched (N, C, H, W) inputs, zero-padded symmetrically."""
-
     generate_vmap_rule = True
 
     @staticmethod
@@ -80,11 +73,8 @@ class Conv2dFunction(torch.autograd.Function):
 
 
 def conv2d_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``x`` padded as native pads it before the convolution, and the symmetric zero padding left to it.
-
-    ``padding_mode != 'zeros'`` pads x first (``nn.Conv2d._conv_forward``); ``'same'`` with an odd total
-    puts the extra zero row/col at the bottom/right (ATen's ``_convolution_mode``).
-    """
+    """``x`` padded as native pads it (``padding_mode``, or 'same' with an odd total: the extra zero row/col at the
+    bottom/right, as ATen's ``_convolution_mode``), and the symmetric zero padding left to the convolution."""
     if conv.padding_mode != "zeros":
         return F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), (0, 0)
     if conv.padding == "valid":
@@ -99,7 +89,6 @@ def conv2d_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tupl
 
 class CustomConv2d(nn.Conv2d):
     """``nn.Conv2d`` computed by ``Conv2dFunction``; runs in the autocast dtype like native."""
-
     function = Conv2dFunction
 
     def forward(self, x):

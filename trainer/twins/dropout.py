@@ -1,12 +1,6 @@
-"""Dropout: the Function, then the twin.
-
-On the CPU the mask is drawn as native draws it (``bernoulli_(1 - p)`` on a tensor shaped
-like x, whatever its dtype), so one seed gives one mask, the same next draw, and outputs and
-grads equal to native's bit for bit; it is kept as bool (1 B/elem), native's in x's dtype.
-On CUDA native's fused kernel draws in an order no tensor ops reproduce, so the twin takes
-the mask and the product from ``torch.native_dropout`` (``trainer compare`` and shadow mode
-need one mask per seed); what it saves and its backward are its own on every device.
-"""
+"""Dropout: the Function, then its twin. On the CPU the mask is drawn as native draws it (``bernoulli_(1 - p)``
+on a tensor like x), so one seed gives native's mask and bitwise-equal grads; on CUDA native's fused kernel draws in
+an order no tensor ops reproduce, so the mask and product come from ``torch.native_dropout`` (one mask per seed)."""
 from __future__ import annotations
 
 import torch
@@ -21,14 +15,11 @@ def keep_scale(p: float, like: torch.Tensor) -> torch.Tensor:
 
 
 class DropoutFunction(torch.autograd.Function):
-    """``y = x m / (1 - p)`` with m ~ Bernoulli(1 - p), or ``x`` itself when not ``train`` or ``p == 0``.
+    """``y = x m / (1 - p)`` with m ~ Bernoulli(1 - p), or x itself (a view) when not ``train`` or ``p == 0``.
 
-    Returns ``(y, m)``: the bool mask is an output (non-differentiable) so that it can be saved,
-    None when nothing is random. Multiplying by m keeps native's ``x * 0`` where it drops (-0,
-    NaN for inf). Like native, the identity and p == 1 draw nothing. The identity's output is
-    a view of x: an in-place op on it raises while grad is recorded (clone it first).
+    Returns ``(y, m)``: the bool mask (1 B/elem) is an output so that it can be saved, None when nothing is random.
+    Multiplying by m keeps native's ``x * 0`` where it drops (-0, NaN for inf).
     """
-
     generate_vmap_rule = True
 
     @staticmethod
@@ -61,7 +52,6 @@ class DropoutFunction(torch.autograd.Function):
 
 class CustomDropout(nn.Dropout):
     """``nn.Dropout`` computed by ``DropoutFunction`` (``inplace`` is ignored: the output is a new tensor)."""
-
     function = DropoutFunction
 
     def forward(self, x):

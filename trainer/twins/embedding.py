@@ -36,20 +36,14 @@ class EmbeddingFunction(torch.autograd.Function):
 
 
 class CustomEmbedding(nn.Embedding):
-    """``nn.Embedding`` computed by ``EmbeddingFunction``; keeps the weight dtype under autocast like native.
-
-    ``padding_idx``, ``max_norm`` (the same in-place renorm of the looked-up rows before
-    the lookup that ``F.embedding`` does) and ``scale_grad_by_freq`` match native.
-    ``sparse=True`` is refused: the twin's gradient is always dense.
-    """
-
+    """``nn.Embedding`` computed by ``EmbeddingFunction``; ``max_norm`` renormalizes the looked-up rows in place
+    first, as ``F.embedding`` does. ``sparse=True`` is refused: the twin's gradient is always dense."""
     function = EmbeddingFunction
 
     def forward(self, idx):
         if self.sparse:
-            raise NotImplementedError(
-                "CustomEmbedding does not support sparse=True (its gradient is dense); "
-                "use the native layer for this model (layers: {embedding: native})")
+            raise NotImplementedError("CustomEmbedding does not support sparse=True (its gradient is dense); "
+                                      "use the native layer for this model (layers: {embedding: native})")
         if self.max_norm is not None:
             idx = idx.contiguous()
             with torch.no_grad():

@@ -1,9 +1,6 @@
-"""Losses: the Function, then the twin, one block per loss (each is also a `loss:` entry).
+"""Losses (each also a `loss:` entry): the Function, then its twin; under autocast in float32, like native's.
 
-Each backward is plain torch ops of what was saved, so double backward and torch.func
-differentiate it. Half and bfloat16 are computed in float32 and rounded once; under
-autocast the twins run in float32, like native losses. ``r`` below is dL/d(loss element):
-the incoming grad g, divided by the element count (or the weight sum) for ``mean``.
+``r`` below is dL/d(loss element): the incoming grad g, divided by the element count (or weight sum) for ``mean``.
 """
 from __future__ import annotations
 
@@ -27,6 +24,11 @@ def _per_element(g: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
     return g / n if reduction == "mean" else g
 
 
+def _x_and_t(ctx, dx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dt = −dx), each only if asked for: the grads of a loss of x − t."""
+    return (dx if ctx.needs_input_grad[0] else None), (-dx if ctx.needs_input_grad[1] else None)
+
+
 def _broadcast(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Native's broadcasting of a differently sized target, warning included (autograd sums the expand)."""
     if t.shape != x.shape:
@@ -36,9 +38,6 @@ def _broadcast(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
                           "Please ensure they have the same size.", stacklevel=3)
         x, t = torch.broadcast_tensors(x, t)
     return x, t
-
-
-# --- mse -----------------------------------------------------------------------------------
 
 
 class MSELossFunction(torch.autograd.Function):
@@ -55,32 +54,22 @@ class MSELossFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], inputs[1])  # as native
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        x, t = ctx.saved_tensors
-        dx = mse_backward(g, x, t, ctx.reduction)
-        return (dx if ctx.needs_input_grad[0] else None), (-dx if ctx.needs_input_grad[1] else None), None
-
-
-@in_float32
-def mse_backward(g, x, t, reduction):
-    return 2 * (x - t) * _per_element(g, reduction, x.numel())  # dx = 2 (x − t) r, dt = −dx
+        x, t = map(opmath, ctx.saved_tensors)
+        return *_x_and_t(ctx, 2 * (x - t) * _per_element(g, ctx.reduction, x.numel())), None  # dx = 2 (x − t) r
 
 
 class CustomMSELoss(nn.MSELoss):
     """``nn.MSELoss`` computed by ``MSELossFunction``."""
-
     function = MSELossFunction
 
     def forward(self, input, target):
         return amp.apply(MSELossFunction, amp.FP32, *_broadcast(input, target), self.reduction)
 
 
-# --- l1 ------------------------------------------------------------------------------------
-
-
 class L1LossFunction(torch.autograd.Function):
     """``(L, sign(x − t))``: the sign, all backward needs, is an int8 output so that it can be saved (1 B/elem)."""
-
     generate_vmap_rule = True
 
     @staticmethod
@@ -108,14 +97,10 @@ class L1LossFunction(torch.autograd.Function):
 
 class CustomL1Loss(nn.L1Loss):
     """``nn.L1Loss`` computed by ``L1LossFunction``."""
-
     function = L1LossFunction
 
     def forward(self, input, target):
         return amp.apply(L1LossFunction, amp.FP32, *_broadcast(input, target), self.reduction)[0]
-
-
-# --- huber ---------------------------------------------------------------------------------
 
 
 class HuberLossFunction(torch.autograd.Function):
@@ -135,37 +120,26 @@ class HuberLossFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], inputs[1])  # as native
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        x, t = ctx.saved_tensors
-        dx = huber_backward(g, x, t, ctx.reduction, ctx.delta)
-        return (dx if ctx.needs_input_grad[0] else None), (-dx if ctx.needs_input_grad[1] else None), None, None
-
-
-@in_float32
-def huber_backward(g, x, t, reduction, delta):
-    # dx = clamp(x − t, −δ, δ) r, as hardtanh, whose own derivative is 0 at ±δ like native's second derivative
-    return F.hardtanh(x - t, -delta, delta) * _per_element(g, reduction, x.numel())
+        x, t = map(opmath, ctx.saved_tensors)
+        # dx = clamp(x − t, −δ, δ) r, as hardtanh, whose own derivative is 0 at ±δ like native's second derivative
+        dx = F.hardtanh(x - t, -ctx.delta, ctx.delta) * _per_element(g, ctx.reduction, x.numel())
+        return *_x_and_t(ctx, dx), None, None
 
 
 class CustomHuberLoss(nn.HuberLoss):
     """``nn.HuberLoss`` computed by ``HuberLossFunction``."""
-
     function = HuberLossFunction
 
     def forward(self, input, target):
         return amp.apply(HuberLossFunction, amp.FP32, *_broadcast(input, target), self.reduction, self.delta)
 
 
-# --- cross_entropy -------------------------------------------------------------------------
-
-
 def _class_weights(x, t, w, ignore_index, eps):
-    """``(T, valid, count)``: L_n = −Σ_c T[n, c] log p[n, c], and what ``mean`` divides the sum of L_n by.
-
-    Class indices y: T = w ⊙ ((1 − ε) onehot(y) + ε / C) on the rows (``valid``) whose y is
-    not ignore_index, 0 on the others; count = Σ_valid w_y. Probabilities t: T = w ⊙ ((1 − ε) t
-    + ε / C); count = the number of rows (valid is None). Shapes: x's, class dim 1 (0 unbatched).
-    """
+    """``(T, valid, count)``: L_n = −Σ_c T[n, c] log p[n, c], with T = w ⊙ ((1 − ε) onehot(y) + ε / C) on the rows
+    (``valid``) whose class y is not ignore_index, else 0 (count = Σ_valid w_y, what ``mean`` divides by); or for
+    probabilities t, T = w ⊙ ((1 − ε) t + ε / C) (count = the number of rows, valid None). Class dim 1 (0 unbatched)."""
     cdim = 1 if x.dim() > 1 else 0
     C = x.shape[cdim]
     along_classes = (-1, *[1] * (x.dim() - cdim - 1))
@@ -183,7 +157,6 @@ def _class_weights(x, t, w, ignore_index, eps):
 
 class CrossEntropyFunction(torch.autograd.Function):
     """Cross entropy of logits ``x`` with class indices or class probabilities ``t``, as ``nn.CrossEntropyLoss``."""
-
     generate_vmap_rule = True
 
     @staticmethod
@@ -200,10 +173,20 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], t, w)  # the logits (as many bytes as native's log p): log p is recomputed
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        x, t, w = ctx.saved_tensors
-        dx = cross_entropy_backward(g, x, t, w, *ctx.options) if ctx.needs_input_grad[0] else None
-        dt = cross_entropy_target_backward(g, x, t, w, *ctx.options) if ctx.needs_input_grad[1] else None
+        x, t, w = map(opmath, ctx.saved_tensors)
+        ignore_index, reduction, eps = ctx.options
+        cdim = 1 if x.dim() > 1 else 0
+        dx = dt = None
+        if ctx.needs_input_grad[0]:
+            T, valid, count = _class_weights(x, t, w, ignore_index, eps)
+            # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
+            dx = _r(g, valid, count, reduction, cdim) * (softmax(x, cdim) * T.sum(cdim, keepdim=True) - T)
+        if ctx.needs_input_grad[1]:
+            w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
+            # dt = −r (1 − ε) w log p (probabilities only: indices have no grad)
+            dt = -_r(g, None, x.numel() // x.shape[cdim], reduction, cdim) * (1 - eps) * w * log_softmax(x, cdim)
         return dx, dt, None, None, None, None
 
 
@@ -214,23 +197,6 @@ def _r(g, valid, count, reduction, cdim):
     if reduction == "sum":
         return g
     return g / count if valid is None else torch.where(valid, g / count, 0)
-
-
-@in_float32
-def cross_entropy_backward(g, x, t, w, ignore_index, reduction, eps):
-    cdim = 1 if x.dim() > 1 else 0
-    T, valid, count = _class_weights(x, t, w, ignore_index, eps)
-    p = softmax(x, cdim)
-    # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
-    return _r(g, valid, count, reduction, cdim) * (p * T.sum(cdim, keepdim=True) - T)
-
-
-@in_float32
-def cross_entropy_target_backward(g, x, t, w, ignore_index, reduction, eps):
-    cdim = 1 if x.dim() > 1 else 0
-    w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
-    # dt = −r (1 − ε) w log p (probabilities only: indices have no grad)
-    return -_r(g, None, x.numel() // x.shape[cdim], reduction, cdim) * (1 - eps) * w * log_softmax(x, cdim)
 
 
 def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
@@ -250,16 +216,12 @@ def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
 
 class CustomCrossEntropyLoss(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` computed by ``CrossEntropyFunction`` (class indices or probabilities)."""
-
     function = CrossEntropyFunction
 
     def forward(self, input, target):
         _check_target(input, target, self.ignore_index)
         return amp.apply(CrossEntropyFunction, amp.FP32, input, target, self.weight, self.ignore_index,
                          self.reduction, self.label_smoothing)
-
-
-# --- bce_with_logits -----------------------------------------------------------------------
 
 
 class BCEWithLogitsFunction(torch.autograd.Function):
@@ -279,30 +241,19 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         ctx.save_for_backward(*inputs[:4])  # inputs and buffers only, as native
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        x, t, w, pw = ctx.saved_tensors
-        dx = bce_backward(g, x, t, w, pw, ctx.reduction) if ctx.needs_input_grad[0] else None
-        dt = bce_target_backward(g, x, t, w, pw, ctx.reduction) if ctx.needs_input_grad[1] else None
+        x, t, w, pw = map(opmath, ctx.saved_tensors)
+        r = _per_element(g, ctx.reduction, x.numel()) * (1 if w is None else w)
+        pw = 1 if pw is None else pw
+        # dx = r ((1 − t) σ(x) − pw t σ(−x)), dt = r (log σ(−x) − pw log σ(x))
+        dx = r * ((1 - t) * torch.sigmoid(x) - pw * t * torch.sigmoid(-x)) if ctx.needs_input_grad[0] else None
+        dt = r * (F.logsigmoid(-x) - pw * F.logsigmoid(x)) if ctx.needs_input_grad[1] else None
         return dx, dt, None, None, None
-
-
-@in_float32
-def bce_backward(g, x, t, w, pw, reduction):
-    r = _per_element(g, reduction, x.numel()) * (1 if w is None else w)
-    pw_t = t if pw is None else pw * t
-    return r * ((1 - t) * torch.sigmoid(x) - pw_t * torch.sigmoid(-x))  # dx = r ((1 − t) σ(x) − pw t σ(−x))
-
-
-@in_float32
-def bce_target_backward(g, x, t, w, pw, reduction):
-    r = _per_element(g, reduction, x.numel()) * (1 if w is None else w)
-    pw_log_sig = F.logsigmoid(x) if pw is None else pw * F.logsigmoid(x)
-    return r * (F.logsigmoid(-x) - pw_log_sig)  # dt = r (log σ(−x) − pw log σ(x))
 
 
 class CustomBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
     """``nn.BCEWithLogitsLoss`` computed by ``BCEWithLogitsFunction``."""
-
     function = BCEWithLogitsFunction
 
     def forward(self, input, target):

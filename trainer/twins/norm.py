@@ -1,11 +1,6 @@
-"""Normalization: LayerNorm and BatchNorm1d/2d, each as the Function, then the twin.
-
-Both Functions return their statistics beside ``y``, as ``torch.native_layer_norm`` and
-``native_batch_norm`` do: batch norm's module updates its running stats from them, and
-backward saves them. Being outputs, not hidden intermediates, they carry x's history, so
-double backward is exact: each backward adds the terms their own grads bring (the tutorial
-``Sinh``). Half and bfloat16 are normalized in float32, with float32 statistics, as native.
-"""
+"""LayerNorm and BatchNorm1d/2d: the Function, then its twin. Both return their statistics beside y, as native's
+kernels do: outputs, not hidden intermediates, so double backward is exact (each backward adds the statistics' own
+grads' terms). Half types are normalized in float32, with float32 statistics, as native."""
 from __future__ import annotations
 
 import math
@@ -16,12 +11,20 @@ from torch import nn
 from trainer.twins import amp
 from trainer.twins.amp import as_dtype, opmath
 
-# --- layer_norm ---------------------------------------------------------------------------
+
+def _centered(gh: torch.Tensor, x_hat: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """ĝ − mean(ĝ) − x̂ mean(ĝ x̂), means over ``dims``: a normalization's dx before its rstd factor."""
+    return gh - gh.mean(dims, keepdim=True) - x_hat * (gh * x_hat).mean(dims, keepdim=True)
+
+
+def _grads(ctx, dx, dw, db) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dγ, dβ), each only if asked for and in its input's dtype."""
+    return tuple(as_dtype(t if need else None, dtype) for t, need, dtype in zip((dx, dw, db), ctx.needs_input_grad,
+                                                                                  ctx.dtypes))
 
 
 class LayerNormFunction(torch.autograd.Function):
     """LayerNorm over the last ``ndim`` dims, returning ``(y, mean, rstd)`` (statistics with those dims kept as 1)."""
-
     generate_vmap_rule = True
 
     @staticmethod
@@ -44,25 +47,22 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_mean, g_rstd):
         x, w, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims, batch = tuple(range(-ctx.ndim, 0)), tuple(range(x.dim() - ctx.ndim))
         D = math.prod(x.shape[-ctx.ndim:])
         x_hat = (opmath(x) - mean) * rstd
         g = torch.zeros_like(x_hat) if g is None else opmath(g)
-        gh = g if w is None else g * w
         # dx = rstd (ĝ − mean(ĝ) − x̂ mean(ĝ x̂)) with ĝ = g γ; dγ = Σ_batch g x̂; dβ = Σ_batch g
-        dx = rstd * (gh - gh.mean(dims, keepdim=True) - x_hat * (gh * x_hat).mean(dims, keepdim=True))
+        dx = rstd * _centered(g if w is None else g * w, x_hat, dims)
         # plus the statistics' own grads (double backward): dμ/dx = 1/D, d rstd/dx = −rstd² x̂ / D
         dx = dx if g_mean is None else dx + g_mean / D
         dx = dx if g_rstd is None else dx - g_rstd * rstd * rstd * x_hat / D
-        dw = (g * x_hat).sum(batch) if need_w else None
-        db = g.sum(batch) if need_b else None
-        return *(as_dtype(t, dtype) for t, dtype in zip((dx if need_x else None, dw, db), ctx.dtypes)), None, None
+        dw = (g * x_hat).sum(batch) if ctx.needs_input_grad[1] else None
+        db = g.sum(batch) if ctx.needs_input_grad[2] else None
+        return *_grads(ctx, dx, dw, db), None, None
 
 
 class CustomLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` computed by ``LayerNormFunction``."""
-
     function = LayerNormFunction
 
     def forward(self, x):
@@ -74,9 +74,6 @@ class CustomLayerNorm(nn.LayerNorm):
         return y
 
 
-# --- batch_norm ---------------------------------------------------------------------------
-
-
 def _channels(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(every dim but the channel dim 1, the shape of a per-channel tensor broadcasting over them) for ndim dims."""
     return (0, *range(2, ndim)), (1, -1, *[1] * (ndim - 2))
@@ -85,7 +82,6 @@ def _channels(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm over all dims but 1 with the batch statistics, returning ``(y, mean, var)`` (biased var, dims
     other than 1 kept as 1); or, given ``running_mean`` and ``running_var`` (eval), with those: ``(y, None, None)``."""
-
     generate_vmap_rule = True
 
     @staticmethod
@@ -116,30 +112,24 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, g_mean, g_var):
         x, w, mean, var = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dims, shape = _channels(len(ctx.x_shape))
         rstd = (var.view(shape) + ctx.eps).rsqrt()
         x_hat = None if x is None else (opmath(x) - mean.view(shape)) * rstd
         g = rstd.new_zeros(ctx.x_shape) if g is None else opmath(g)
         k = rstd if w is None else rstd * w.view(shape)
-        if ctx.train:
-            # dx = γ rstd (g − mean(g) − x̂ mean(g x̂)), means over all dims but 1
-            dx = k * (g - g.mean(dims, keepdim=True) - x_hat * (g * x_hat).mean(dims, keepdim=True))
-            # plus the statistics' own grads (double backward): dμ/dx = 1/M, dσ²/dx = 2 (x − μ) / M
-            M = g.numel() // g.shape[1]
-            dx = dx if g_mean is None else dx + g_mean / M
-            dx = dx if g_var is None else dx + g_var * 2 * x_hat / (rstd * M)
-        else:
-            dx = g * k  # dx = γ g / sqrt(running var + eps): the running statistics are constants
-        dw = (g * x_hat).sum(dims) if need_w else None  # dγ = Σ g x̂
-        db = g.sum(dims) if need_b else None            # dβ = Σ g
-        grads = (as_dtype(t, dtype) for t, dtype in zip((dx if need_x else None, dw, db), ctx.dtypes))
-        return *grads, None, None, None
+        # train: dx = γ rstd (g − mean(g) − x̂ mean(g x̂)), means over all dims but 1; eval: dx = γ rstd g
+        dx = k * _centered(g, x_hat, dims) if ctx.train else k * g
+        # plus the batch statistics' own grads (double backward): dμ/dx = 1/M, dσ²/dx = 2 (x − μ) / M
+        M = g.numel() // g.shape[1]
+        dx = dx if g_mean is None else dx + g_mean / M
+        dx = dx if g_var is None else dx + g_var * 2 * x_hat / (rstd * M)
+        dw = (g * x_hat).sum(dims) if ctx.needs_input_grad[1] else None  # dγ = Σ g x̂
+        db = g.sum(dims) if ctx.needs_input_grad[2] else None            # dβ = Σ g
+        return *_grads(ctx, dx, dw, db), None, None, None
 
 
 class _BatchNormTwin:
     """``forward`` of the batch-norm twins: ``nn.modules.batchnorm._BatchNorm.forward`` with the Function."""
-
     function = BatchNormFunction
 
     def forward(self, x):

@@ -1,8 +1,5 @@
-"""Softmax and LogSoftmax along one dim: the Function, then the twin, one block per op.
-
-Both save only their output y (the next layer keeps it anyway), and their derivative is a
-function of y alone. Half and bfloat16 are computed in float32 and rounded once.
-"""
+"""Softmax and LogSoftmax along one dim: the Function, then its twin. Both save only their output y (the next
+layer keeps it anyway): their derivative is a function of y alone."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.twins import amp
-from trainer.twins.amp import in_float32
+from trainer.twins.amp import in_float32, opmath
 
 
 def _dim(module: nn.Softmax | nn.LogSoftmax, x: torch.Tensor, name: str) -> int:
@@ -33,9 +30,6 @@ def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return z - z.exp().sum(dim, keepdim=True).log()
 
 
-# --- softmax -------------------------------------------------------------------------------
-
-
 class SoftmaxFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -50,26 +44,18 @@ class SoftmaxFunction(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return softmax_backward(g, y, ctx.dim), None
-
-
-@in_float32
-def softmax_backward(g, y, dim):
-    return y * (g - (g * y).sum(dim, keepdim=True))  # dx = y ⊙ (g − Σ_dim g ⊙ y)
+        y = opmath(ctx.saved_tensors[0])
+        return y * (g - (g * y).sum(ctx.dim, keepdim=True)), None  # dx = y ⊙ (g − Σ_dim g ⊙ y)
 
 
 class CustomSoftmax(nn.Softmax):
     """``nn.Softmax`` computed by ``SoftmaxFunction``."""
-
     function = SoftmaxFunction
 
     def forward(self, x):
         return amp.apply(SoftmaxFunction, amp.FP32_ON_CUDA, x, _dim(self, x, "softmax"))
-
-
-# --- log_softmax ---------------------------------------------------------------------------
 
 
 class LogSoftmaxFunction(torch.autograd.Function):
@@ -86,19 +72,14 @@ class LogSoftmaxFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # softmax is e^y
 
     @staticmethod
+    @in_float32
     def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return log_softmax_backward(g, y, ctx.dim), None
-
-
-@in_float32
-def log_softmax_backward(g, y, dim):
-    return g - y.exp() * g.sum(dim, keepdim=True)  # dx = g − e^y Σ_dim g
+        y = opmath(ctx.saved_tensors[0])
+        return g - y.exp() * g.sum(ctx.dim, keepdim=True), None  # dx = g − e^y Σ_dim g
 
 
 class CustomLogSoftmax(nn.LogSoftmax):
     """``nn.LogSoftmax`` computed by ``LogSoftmaxFunction``."""
-
     function = LogSoftmaxFunction
 
     def forward(self, x):
