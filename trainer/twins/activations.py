@@ -99,10 +99,8 @@ class CustomELU(nn.ELU):
         return amp.apply(ELUFunction, amp.KEEP, x, self.alpha)
 
 
-SQRT1_2 = 1 / math.sqrt(2)              # 'none': Phi(x) = (1 + erf(x / sqrt 2)) / 2
-INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)  # phi(x) = e^(-x^2/2) / sqrt(2 pi)
-BETA = math.sqrt(2 / math.pi)           # 'tanh': z = beta (x + kappa x^3)
-KAPPA = 0.044715
+SQRT1_2, INV_SQRT_2PI = 1 / math.sqrt(2), 1 / math.sqrt(2 * math.pi)  # Phi(x) = (1 + erf(x / √2)) / 2, phi = Phi'
+BETA, KAPPA = math.sqrt(2 / math.pi), 0.044715  # 'tanh': z = beta (x + kappa x^3)
 
 
 class GELUFunction(torch.autograd.Function):

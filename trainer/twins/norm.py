@@ -141,8 +141,7 @@ class _BatchNormTwin:
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # like native: the running stats are used in eval, updated in training if tracked
         track = not self.training or self.track_running_stats
-        running_mean = self.running_mean if track else None
-        running_var = self.running_var if track else None
+        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         n = x.numel() // x.size(1)
         if batch_stats and n == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
