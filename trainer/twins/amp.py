@@ -1,9 +1,6 @@
-"""How a twin calls its Function under autocast, and half types computed in float32.
-
-A twin casts its inputs once, as autocast treats the native op (the policy), and runs its Function with autocast
-off both ways: ``torch.amp.custom_fwd(cast_inputs=...)``'s contract, which cannot go with ``setup_context``
-(pytorch#132388).
-"""
+"""How a twin calls its Function under autocast, and half types computed in float32. A twin casts its inputs once,
+as autocast treats the native op (the policy), and runs its Function with autocast off both ways: the contract of
+``torch.amp.custom_fwd(cast_inputs=...)``, which cannot go with ``setup_context`` (pytorch#132388)."""
 from __future__ import annotations
 
 import functools
