@@ -19,7 +19,7 @@ def script(name: str, *args: str) -> subprocess.CompletedProcess:
 def test_custom_relu_experiment_finds_the_tutorial_bug_at_zero():
     proc = script("custom_relu.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "culprit: layer 1 (seed_relu): input grad" in proc.stdout
+    assert "culprit: layer 1 (relu): input grad" in proc.stdout
     assert proc.stdout.rstrip().endswith("ok: 7 of 7 tensors within tolerance")
 
 

@@ -232,7 +232,10 @@ def import_modules(modules: Any, folder: Path | None = None) -> None:
             raise ConfigError(f"imports[{i}]", f"cannot import {name!r}: {e}",
                               suggestion="a module file next to the config or in the current directory, "
                                          "or an installed package") from None
-        except Exception as e:  # the module itself is broken (SyntaxError, a raise, a name registered twice)
+        except ConfigError as e:  # a registration the registry refused (layers.register's RegistrationError)
+            where = f"{name}: " if not e.path else f"{e.path}: "  # the user's file:line of the refused call
+            raise ConfigError(f"imports[{i}]", where + e.message, suggestion=e.suggestion) from None
+        except Exception as e:  # the module itself is broken (SyntaxError, a raise)
             where = f" ({Path(e.filename).name}, line {e.lineno})" if isinstance(e, SyntaxError) and e.filename else ""
             detail = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()
             raise ConfigError(f"imports[{i}]", f"importing {name!r} raised {type(e).__name__}{where}: "
