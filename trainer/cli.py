@@ -95,7 +95,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     report, env = compare_config(cfg)
     ok = not distributed.any_rank(not report.ok, env)  # under torchrun: every rank's shard must agree
     if env.main:
-        print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
+        if report.error:  # a twin raised: one line, and the JSON marks that layer failed
+            print(f"error: {report.error}", file=sys.stderr)
+        else:
+            print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
         if args.json:
             Path(args.json).write_text(json.dumps(report.to_dict() | {"ok": ok}, indent=2))
     return 0 if ok else 1

@@ -11,6 +11,7 @@ from torch import nn
 
 from trainer import layers
 from trainer.checkpoint import reseed
+from trainer.locate import raised, where
 
 # torch.testing.assert_close's defaults (rtol, atol) per dtype
 DEFAULT_TOLERANCE = {torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5),
@@ -35,6 +36,9 @@ class TensorDiff:
     dtype: str
     rtol: float
     atol: float
+    layer: str = ""           # the module it belongs to: registry name, or class (``Linear``)
+    where: str = ""           # for a mismatch: how many elements differ, the worst, the inputs there
+    cause: str = ""           # after bisect: ``culprit``, ``consequence of <path>`` or ``independent``
 
 
 def diff(name: str, kind: str, custom: torch.Tensor, native: torch.Tensor,
@@ -135,6 +139,26 @@ class Capture:
     layer_outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     input_grads: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     saved_bytes: dict[str, int] = field(default_factory=dict)
+    inputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per watched layer, per call
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)       # after the last batch
+    owners: dict[str, str] = field(default_factory=dict)  # parameter/buffer name -> its module's layer name
+
+
+def layer_name(module) -> str:
+    """The registry name of a layer (``batch_norm``), else its class name (``Linear``)."""
+    info = layers.impl_of(module) if isinstance(module, nn.Module) else None
+    return info[0] if info else type(module).__name__
+
+
+def owners(model: nn.Module, loss_fn=None) -> dict[str, str]:
+    """``{parameter or buffer name: layer name of the module holding it}`` (the loss's under ``loss.``)."""
+    out = {}
+    for root, prefix in ((model, ""), (loss_fn, f"{LOSS}.")):
+        if isinstance(root, nn.Module):
+            for path, m in root.named_modules():
+                for name, _ in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)):
+                    out[prefix + (f"{path}.{name}" if path else name)] = layer_name(m)
+    return out
 
 
 def swapped_layers(model: nn.Module, loss_fn: nn.Module | None = None) -> dict[str, str]:
@@ -152,7 +176,7 @@ def run(model: nn.Module, loss_fn, batches: Iterable, watch: Iterable[str], seed
     modules = {p: (loss_fn if p == LOSS else model.get_submodule(p)) for p in watch}
     stack: list[str] = []
     storages: dict[str, dict[int, int]] = {p: {} for p in modules}
-    inputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, list[torch.Tensor]] = {}  # every call's input: a module may run several times
 
     def pre(path):
         def hook(module, args):
@@ -160,7 +184,8 @@ def run(model: nn.Module, loss_fn, batches: Iterable, watch: Iterable[str], seed
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if x is not None and x.requires_grad:
                 x.retain_grad()
-                inputs[path] = x
+                inputs.setdefault(path, []).append(x)
+                cap.inputs.setdefault(path, []).append(x.detach().clone())
         return hook
 
     def post(path):
@@ -193,13 +218,17 @@ def run(model: nn.Module, loss_fn, batches: Iterable, watch: Iterable[str], seed
             loss.backward()
             cap.losses.append(loss.detach().reshape(1))
             cap.outputs.append(out.detach())
-            for path, t in inputs.items():
-                cap.input_grads.setdefault(path, []).append(t.grad.detach().clone() if t.grad is not None
-                                                            else torch.zeros_like(t))
+            for path, ts in inputs.items():
+                cap.input_grads.setdefault(path, []).extend(t.grad.detach().clone() if t.grad is not None
+                                                            else torch.zeros_like(t) for t in ts)
     finally:
         for h in handles:
             h.remove()
     cap.param_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    cap.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    if isinstance(loss_fn, nn.Module):
+        cap.buffers.update({f"{LOSS}.{n}": b.detach().clone() for n, b in loss_fn.named_buffers()})
+    cap.owners = owners(model, loss_fn)
     cap.saved_bytes = {p: sum(s.values()) for p, s in storages.items()}
     return cap
 
@@ -210,19 +239,29 @@ def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 def diff_captures(custom: Capture, native: Capture, names: Mapping[str, str], rtol: float | None = None,
                   atol: float | None = None) -> list[TensorDiff]:
-    """Every pair of tensors: loss, output, each param grad, and each watched layer's output and input grad."""
-    pairs = [("loss", "loss", torch.cat(custom.losses), torch.cat(native.losses)),
-             ("output", "output", _flat(custom.outputs), _flat(native.outputs))]
+    """Every pair of tensors: loss, output, each param grad and buffer, and each watched layer's output and
+    input grad (every call's, end to end); each mismatch says where it is (``TensorDiff.where``)."""
+    loss_name = names.get(LOSS, "")
+    pairs = [("loss", "loss", custom.losses, native.losses, loss_name),
+             ("output", "output", custom.outputs, native.outputs, "")]
     for name in sorted(native.param_grads.keys() | custom.param_grads.keys()):
         c, n = custom.param_grads.get(name), native.param_grads.get(name)
         missing = torch.full_like(n if c is None else c, math.nan)  # one side has no grad: never equal
-        pairs.append((name, "param_grad", missing if c is None else c, missing if n is None else n))
-    for path in names:
+        pairs.append((name, "param_grad", [missing if c is None else c], [missing if n is None else n],
+                      native.owners.get(name, "")))
+    for name in sorted(native.buffers.keys() & custom.buffers.keys()):
+        pairs.append((name, "buffer", [custom.buffers[name]], [native.buffers[name]], native.owners.get(name, "")))
+    for path, layer in names.items():
         if path in native.layer_outputs:
-            pairs.append((path, "layer_output", _flat(custom.layer_outputs[path]), _flat(native.layer_outputs[path])))
+            pairs.append((path, "layer_output", custom.layer_outputs.get(path, []), native.layer_outputs[path], layer))
         if path in native.input_grads:
-            pairs.append((path, "input_grad", _flat(custom.input_grads.get(path, [])), _flat(native.input_grads[path])))
-    out = diffs(pairs, rtol, atol)
+            pairs.append((path, "input_grad", custom.input_grads.get(path, []), native.input_grads[path], layer))
+    out = diffs([(name, kind, _flat(c), _flat(n)) for name, kind, c, n, _ in pairs], rtol, atol)
+    for d, (_, kind, c, n, layer) in zip(out, pairs):
+        d.layer = layer
+        if not d.ok:
+            inputs = _flat(native.inputs.get(d.name, [])) if kind == "input_grad" else None
+            d.where = where(_flat(c), _flat(n), d.rtol, d.atol, [t.shape for t in n], inputs)
     return sorted(out, key=lambda d: (d.ok, -d.score if not math.isnan(d.score) else math.inf))
 
 
@@ -234,29 +273,39 @@ def swap_only(model: nn.Module, loss_fn, paths: Iterable[str], impl: str = "cust
         module.__class__ = custom if impl == "custom" else native
 
 
-def describe(d: TensorDiff) -> str:
-    """``input grad ×2 native``, ``param grad 0.weight has the wrong sign``, ``output differs by 0.3``."""
-    what = {"layer_output": "output", "input_grad": "input grad", "param_grad": f"param grad {d.name}",
-            "loss": "loss", "output": "model output"}[d.kind]
-    if d.kind in ("layer_output", "loss", "output"):
-        return f"{what} differs by up to {d.max_abs_diff:.3g} (cosine {d.cosine:.4f})"
-    if math.isnan(d.norm_ratio):
-        return f"{what} has the wrong shape"
-    if d.cosine > 0.999:
-        return f"{what} ×{d.norm_ratio:.3g} native"
-    if d.cosine < -0.999:
-        return f"{what} has the wrong sign (×{-d.norm_ratio:.3g} native)"
-    return f"{what} points elsewhere (cosine {d.cosine:.3f}, norm ×{d.norm_ratio:.3g} native)"
+def size(d: TensorDiff) -> str:
+    """The size of an error in numbers: ``relative L2 0.025, cosine 0.999680, score 146``."""
+    return f"relative L2 {d.rel_l2:.3g}, cosine {d.cosine:.6f}, score {d.score:.3g}"
 
+
+def describe(d: TensorDiff) -> str:
+    """What differs, its size, and where: ``input grad ×2 native (relative L2 1, cosine 1.000000, score 4e+05;
+    12 of 256 elements differ, worst at [3, 5] (custom 6, native 3))``."""
+    what = {"layer_output": "output", "input_grad": "input grad", "param_grad": f"param grad {d.name}",
+            "buffer": f"buffer {d.name}", "loss": "loss", "output": "model output"}[d.kind]
+    if math.isnan(d.norm_ratio):
+        head = f"{what} has the wrong shape"
+    elif d.kind in ("layer_output", "loss", "output", "buffer"):
+        head = f"{what} differs by up to {d.max_abs_diff:.3g}"
+    elif d.cosine > 0.999 and abs(d.norm_ratio - 1) >= 0.5 * d.rel_l2:  # a scale error: the ratio says it all
+        head = f"{what} ×{d.norm_ratio:.3g} native"
+    elif d.cosine < -0.999 and abs(d.norm_ratio - 1) >= 0.5 * abs(d.rel_l2 - 2):
+        head = f"{what} has the wrong sign (×{-d.norm_ratio:.3g} native)"
+    elif d.cosine > 0.999:  # a small angle: the norm ratio would read as "×1"
+        head = f"{what} is slightly off"
+    else:
+        head = f"{what} points elsewhere (norm ×{d.norm_ratio:.3g} native)"
+    return f"{head} ({size(d)}" + (f"; {d.where})" if d.where else ")")
 
 
 @dataclass
 class Culprit:
-    """A layer whose twin alone reproduces a mismatch."""
+    """A layer whose twin alone reproduces a mismatch (or raised)."""
 
     path: str           # module path, or "loss"
     layer: str          # registry name
-    what: str           # what differs, in words
+    what: str           # what differs, in words, with its size
+    error: str = ""     # the twin raised: its Function and the exception
 
     def __str__(self) -> str:
         return f"layer {self.path} ({self.layer}): {self.what}"
@@ -268,10 +317,17 @@ class Report:
     tensors: list[TensorDiff]
     culprits: list[Culprit] = field(default_factory=list)
     memory: dict[str, dict[str, int]] = field(default_factory=dict)  # path -> {"layer", "native", "custom"}
+    layers: dict[str, str] = field(default_factory=dict)  # every compared layer: path -> registry name
+    error: str = ""     # a twin raised: the one line the CLI prints
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "tensors": [asdict(t) for t in self.tensors],
-                "culprits": [asdict(c) | {"message": str(c)} for c in self.culprits], "memory": self.memory}
+        culprits = {c.path: c for c in self.culprits}
+        return {"ok": self.ok, "error": self.error or None, "tensors": [asdict(t) for t in self.tensors],
+                "culprits": [asdict(c) | {"message": str(c)} for c in self.culprits],
+                "layers": {p: {"layer": n, "ok": p not in culprits,
+                               "error": culprits[p].error or None if p in culprits else None}
+                           for p, n in self.layers.items()},
+                "memory": self.memory}
 
 
 class Comparison:
@@ -313,27 +369,72 @@ class Comparison:
         return diff_captures(cap, self.native, self.swapped, self.rtol, self.atol), cap
 
     def report(self, bisect: bool = True) -> Report:
-        diffs, cap = self.check(*self.variant(only=self.swapped))
+        """Everything swapped against native; on a mismatch, ``bisect`` names the culprits and tells
+        root causes from their consequences. A twin that raises is named by trying each alone."""
+        try:
+            diffs, cap = self.check(*self.variant(only=self.swapped))
+        except Exception as e:  # noqa: BLE001  (any exception a user's twin raises is reported, not re-raised)
+            return self.raised(e)
         memory = {p: {"layer": n, "native": self.native.saved_bytes.get(p, 0), "custom": cap.saved_bytes.get(p, 0)}
                   for p, n in self.swapped.items()}
         ok = all(d.ok for d in diffs)
-        return Report(ok, diffs, [] if ok or not bisect else self.bisect(), memory)
+        culprits = [] if ok or not bisect else self.bisect(diffs)
+        return Report(ok, diffs, culprits, memory, dict(self.swapped))
 
-    def bisect(self) -> list[Culprit]:
-        """Swap one registry layer at a time, then one instance of each guilty layer, to name the culprits."""
+    def raised(self, exc: Exception) -> Report:
+        """The report when the swapped model raised: the layer whose twin raises alone, its Function, the error."""
         culprits = []
+        for path, name in self.swapped.items():
+            try:
+                self.check(*self.variant(only=[path]))
+            except Exception as e:  # noqa: BLE001
+                function, message = raised(e)
+                error = f"{function} raised {message}" if function else f"raised {message}"
+                culprits.append(Culprit(path, name, error, error))
+        if not culprits:  # raised only with several twins at once
+            function, message = raised(exc)
+            return Report(False, [], [], {}, dict(self.swapped),
+                          f"the swapped model raised, but no layer alone does: {function} {message}".replace("  ", " "))
+        c = culprits[0]
+        return Report(False, [], culprits, {}, dict(self.swapped), f"layer {c.path} ({c.layer}): {c.error}")
+
+    def bisect(self, flagged: list[TensorDiff] = ()) -> list[Culprit]:
+        """Swap one registry layer at a time, then one instance of each guilty layer, to name the culprits.
+
+        Each culprit is described by its own tensors (output, input grad, its parameters' grads and
+        buffers), with every call of a module run several times compared. Each tensor of ``flagged``
+        that is not ok gets a ``cause``: ``culprit`` (a culprit's own), ``consequence of <path>`` (it
+        differs with only that culprit swapped), or ``independent`` (no single culprit explains it).
+        """
+        culprits, consequences = [], {}
         for name in dict.fromkeys(self.swapped.values()):
             paths = [p for p, n in self.swapped.items() if n == name]
             if all(d.ok for d in self.check(*self.variant(only=paths))[0]):
                 continue
             for path in paths:
                 diffs, _ = self.check(*self.variant(only=[path]))
-                own = [d for d in diffs if not d.ok and (d.name == path or d.name.startswith(f"{path}."))]
-                if own or not all(d.ok for d in diffs):
-                    first = min(own or [d for d in diffs if not d.ok],
-                                key=lambda d: ["layer_output", "input_grad", "param_grad"].index(d.kind)
-                                if d.kind in ("layer_output", "input_grad", "param_grad") else 3)
+                bad = [d for d in diffs if not d.ok]
+                own = [d for d in bad if d.kind != "loss" and (d.name == path or d.name.startswith(f"{path}."))]
+                if not bad:
+                    continue
+                if own:
+                    first = min(own, key=lambda d: ["layer_output", "buffer", "input_grad", "param_grad"].index(d.kind))
                     culprits.append(Culprit(path, name, describe(first)))
+                else:  # its own tensors match (it may act through state shared with others)
+                    culprits.append(Culprit(path, name, f"its own tensors match native's, yet {describe(bad[0])}"))
+                for d in bad:
+                    consequences.setdefault((d.kind, d.name), []).append(path)
+        roots = {c.path for c in culprits}
+        for d in flagged:
+            if d.ok:
+                continue
+            if d.kind in ("layer_output", "input_grad") and d.name in roots or \
+                    d.kind in ("param_grad", "buffer") and d.name.rpartition(".")[0] in roots:
+                d.cause = "culprit"
+            elif (d.kind, d.name) in consequences:
+                d.cause = f"consequence of {', '.join(consequences[(d.kind, d.name)])}"
+            else:
+                d.cause = "independent"
         return culprits
 
 
@@ -342,31 +443,47 @@ def compare_config(cfg) -> tuple[Report, object]:
 
     Returns the report and the process's ``distributed.Env``: under torchrun each rank
     compares on its own shard of the batches.
+
+    Raises:
+        ConfigError: no layer of the model or loss has a custom twin, so there is nothing to compare.
     """
+    import dataclasses
     from itertools import islice
 
+    from trainer.errors import ConfigError
     from trainer.loop import Trainer
 
-    trainer = Trainer(cfg)  # builds and checks everything; writes nothing until fit()
+    # built native, so a broken twin is reported by the comparison, never blamed on the data
+    trainer = Trainer(dataclasses.replace(cfg, layers={"default": "native"}))
     device = trainer.device
     batches = [(x.to(device), y.to(device)) for x, y in islice(iter(trainer.train_loader), cfg.compare.batches)]
     comparison = Comparison(trainer.model, trainer.loss_fn, batches, cfg.layers, rtol=cfg.compare.rtol,
                             atol=cfg.compare.atol, seed=cfg.seed, autocast=trainer.autocast)
+    if not comparison.swapped:
+        raise ConfigError("layers", f"no layer of model {cfg.model.name} or loss {cfg.loss.name} has a custom twin, "
+                          "so nothing is compared", suggestion="use registry layers (see `trainer layers`), or "
+                          "register a twin for yours with trainer.layers.register")
     return comparison.report(bisect=cfg.compare.bisect), trainer.env
 
 
 def format_report(report: Report) -> str:
-    """The table, worst first, then the culprits and per-layer saved bytes."""
+    """The table, worst first, then where each mismatch is, the culprits and per-layer saved bytes."""
     from trainer.cli import table
 
-    rows = [[d.kind, d.name, "ok" if d.ok else "MISMATCH" + (" (vacuous)" if d.vacuous else ""),
+    if report.error:
+        return "\n".join([f"culprit: {c}" for c in report.culprits] + ["MISMATCH: a twin raised"])
+    causes = any(d.cause for d in report.tensors)
+    rows = [[d.kind, d.name, d.layer or "-", "ok" if d.ok else "MISMATCH" + (" (vacuous)" if d.vacuous else ""),
              f"{d.max_abs_diff:.3g}", f"{d.max_rel_diff:.3g}", f"{d.rel_l2:.3g}", f"{d.cosine:.6f}",
-             f"{d.norm_ratio:.6g}", f"{d.score:.3g}"] for d in report.tensors]
-    out = [table(rows, ["kind", "name", "result", "max_abs", "max_rel", "rel_l2", "cosine", "norm_ratio",
-                        "score"])]
+             f"{d.norm_ratio:.6g}", f"{d.score:.3g}", *([d.cause or "-"] if causes else [])] for d in report.tensors]
+    out = [table(rows, ["kind", "name", "layer", "result", "max_abs", "max_rel", "rel_l2", "cosine", "norm_ratio",
+                        "score", *(["cause"] if causes else [])])]
     vacuous = [d.name for d in report.tensors if d.vacuous and d.kind != "loss"]
     if vacuous:
         out.append(f"note: norms below atol, so these pass vacuously: {', '.join(vacuous)}")
+    for d in report.tensors:
+        if d.where:
+            out.append(f"where: {d.kind} {d.name}: {d.where}")
     if report.memory:
         out.append("")
         out.append(table([[p, m["layer"], m["native"], m["custom"]] for p, m in report.memory.items()],
