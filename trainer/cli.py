@@ -80,16 +80,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
     if args.steps is not None:
-        from trainer.shadow import lockstep
+        from trainer.lockstep import run_lockstep
 
         if args.steps < 1:
             raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--steps", "the lockstep run is single-process", suggestion="run it without torchrun")
-        ok, run_dir = lockstep(cfg, args.steps)
-        print(f"{run_dir}  {'ok' if ok else 'MISMATCH'}: parameters {'stayed' if ok else 'did not stay'} "
-              f"within tolerance for {args.steps} steps")
-        return 0 if ok else 1
+        result = run_lockstep(cfg, args.steps)
+        print("\n".join(result.lines()))
+        return 0 if result.ok else 1
     from trainer import distributed
 
     report, env = compare_config(cfg)

@@ -352,7 +352,8 @@ class Comparison:
         if not self.swapped:
             custom = self.variant({"default": "custom"})
             self.swapped = swapped_layers(*custom)
-        self.native = run(*self.base, batches, self.swapped, seed, autocast)
+        # on a copy: a run changes buffers (batch-norm statistics), and every variant starts from the base's
+        self.native = run(*self.variant(), batches, self.swapped, seed, autocast)
 
     def variant(self, mapping: Mapping[str, str] | None = None, only: Iterable[str] = ()):
         """A fresh copy of the native model and loss with ``mapping`` (or just the instances ``only``) swapped."""
@@ -418,7 +419,9 @@ class Comparison:
                 if not bad:
                     continue
                 if own:
-                    first = min(own, key=lambda d: ["layer_output", "buffer", "input_grad", "param_grad"].index(d.kind))
+                    first = min(own, key=lambda d: (  # the earliest in the computation, a counter last, the worst
+                        ["layer_output", "buffer", "input_grad", "param_grad"].index(d.kind),
+                        not d.dtype.startswith(("float", "bfloat")), -d.score))
                     culprits.append(Culprit(path, name, describe(first)))
                 else:  # its own tensors match (it may act through state shared with others)
                     culprits.append(Culprit(path, name, f"its own tensors match native's, yet {describe(bad[0])}"))

@@ -74,7 +74,8 @@ def where(custom: torch.Tensor, native: torch.Tensor, rtol: float, atol: float,
     count = int(bad.sum())
     worst = int(score.argmax())
     shapes = shapes or [native.shape]
-    text = (f"{count} of {c.numel()} elements differ, worst at {_index(worst, shapes)} "
+    at = f"worst at {_index(worst, shapes)}" if c.numel() > 1 else "the only element"
+    text = (f"{count} of {c.numel()} elements differ, {at} "
             f"(custom {float(c[worst]):.6g}, native {float(n[worst]):.6g})")
     if inputs is not None and inputs.numel() == c.numel() and count:
         shared = _inputs_share(inputs.detach().double().flatten()[bad])
