@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer import datasets, layers, models
+from trainer import datasets, layers, losses, models
 
 
 def twin(native: type[nn.Module], function: type[torch.autograd.Function]) -> type[nn.Module]:
@@ -225,3 +225,23 @@ class WrongShapeFunction(torch.autograd.Function):
 RaiserW = type("RaiserW", (Raiser,), {})
 layers.register("raiser", native=Raiser, custom=twin(Raiser, BadViewFunction))
 layers.register("wrong_shape", native=RaiserW, custom=twin(RaiserW, WrongShapeFunction))
+
+
+class Scale(nn.Module):
+    """A user module with no twin."""
+
+    def __init__(self, in_features: int = 10):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(in_features))
+
+    def forward(self, x):
+        return (x * self.weight).sum(1, keepdim=True)
+
+
+models.register("scale")(Scale)
+
+
+@losses.register("plain_mse")
+def plain_mse() -> nn.Module:
+    """MSE as a module of its own class, which has no twin."""
+    return type("PlainMSE", (nn.Module,), {"forward": lambda self, out, y: ((out - y) ** 2).mean()})()

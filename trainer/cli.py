@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for cfg in configs:
         trainer = Trainer(cfg, resume=args.resume)
         result = trainer.fit()
+        if trainer.env.main and trainer.shadow is not None:
+            print("\n".join(trainer.shadow.summary()), file=sys.stderr)
         if trainer.env.main:
             shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items()))
             early = "  (stopped early)" if result.stopped_early else ""
@@ -204,13 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = top.parse_args(argv)
     from trainer.loop import Interrupted, NonFiniteLoss
+    from trainer.shadow import ShadowMismatch
 
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, ShadowMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

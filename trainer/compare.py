@@ -251,18 +251,38 @@ def diff_captures(custom: Capture, native: Capture, names: Mapping[str, str], rt
                       native.owners.get(name, "")))
     for name in sorted(native.buffers.keys() & custom.buffers.keys()):
         pairs.append((name, "buffer", [custom.buffers[name]], [native.buffers[name]], native.owners.get(name, "")))
-    for path, layer in names.items():
-        if path in native.layer_outputs:
-            pairs.append((path, "layer_output", custom.layer_outputs.get(path, []), native.layer_outputs[path], layer))
-        if path in native.input_grads:
-            pairs.append((path, "input_grad", custom.input_grads.get(path, []), native.input_grads[path], layer))
+    inputs = {}
+    for path, layer in names.items():  # a module run several times a batch: each call on its own
+        for kind, got, want in (("layer_output", custom.layer_outputs, native.layer_outputs),
+                                ("input_grad", custom.input_grads, native.input_grads)):
+            if path in want:
+                calls = _calls(path, native)  # per batch; a batch's calls are recorded in order
+                for k in range(calls):
+                    name = f"{path} (call {k + 1})" if calls > 1 else path
+                    pairs.append((name, kind, got.get(path, [])[k::calls], want[path][k::calls], layer))
+                    if kind == "input_grad":
+                        inputs[name] = native.inputs.get(path, [])[k::calls]
     out = diffs([(name, kind, _flat(c), _flat(n)) for name, kind, c, n, _ in pairs], rtol, atol)
     for d, (_, kind, c, n, layer) in zip(out, pairs):
         d.layer = layer
         if not d.ok:
-            inputs = _flat(native.inputs.get(d.name, [])) if kind == "input_grad" else None
-            d.where = where(_flat(c), _flat(n), d.rtol, d.atol, [t.shape for t in n], inputs)
+            x = _flat(inputs.get(d.name, [])) if kind == "input_grad" else None
+            d.where = where(_flat(c), _flat(n), d.rtol, d.atol, [t.shape for t in n], x)
     return sorted(out, key=lambda d: (d.ok, -d.score if not math.isnan(d.score) else math.inf))
+
+
+def _calls(path: str, cap: Capture) -> int:
+    """How many times the module at ``path`` ran per batch."""
+    return max(1, len(cap.layer_outputs.get(path, [])) // max(1, len(cap.losses)))
+
+
+def base_path(name: str) -> str:
+    """``act`` for ``act (call 2)``: the module a compared tensor belongs to."""
+    return name.split(" (call ", 1)[0]
+
+
+def _call(name: str) -> int:
+    return int(name.rsplit(" (call ", 1)[1][:-1]) if " (call " in name else 0
 
 
 def swap_only(model: nn.Module, loss_fn, paths: Iterable[str], impl: str = "custom") -> None:
@@ -415,13 +435,15 @@ class Comparison:
             for path in paths:
                 diffs, _ = self.check(*self.variant(only=[path]))
                 bad = [d for d in diffs if not d.ok]
-                own = [d for d in bad if d.kind != "loss" and (d.name == path or d.name.startswith(f"{path}."))]
+                own = [d for d in bad if d.kind != "loss" and (base_path(d.name) == path
+                                                              or d.name.startswith(f"{path}."))]
                 if not bad:
                     continue
                 if own:
-                    first = min(own, key=lambda d: (  # the earliest in the computation, a counter last, the worst
+                    first = min(own, key=lambda d: (  # the earliest in the computation, a counter last; of
+                        # several calls the last (its grad_output is still clean), then the worst
                         ["layer_output", "buffer", "input_grad", "param_grad"].index(d.kind),
-                        not d.dtype.startswith(("float", "bfloat")), -d.score))
+                        not d.dtype.startswith(("float", "bfloat")), -_call(d.name), -d.score))
                     culprits.append(Culprit(path, name, describe(first)))
                 else:  # its own tensors match (it may act through state shared with others)
                     culprits.append(Culprit(path, name, f"its own tensors match native's, yet {describe(bad[0])}"))
@@ -431,7 +453,7 @@ class Comparison:
         for d in flagged:
             if d.ok:
                 continue
-            if d.kind in ("layer_output", "input_grad") and d.name in roots or \
+            if d.kind in ("layer_output", "input_grad") and base_path(d.name) in roots or \
                     d.kind in ("param_grad", "buffer") and d.name.rpartition(".")[0] in roots:
                 d.cause = "culprit"
             elif (d.kind, d.name) in consequences:

@@ -122,8 +122,8 @@ class Trainer:
         self.net = torch.compile(self.ddp) if t.compile else self.ddp
         # the loss too: a twin loss is a dozen small ops that inductor fuses into a kernel or two
         self.compiled_loss = torch.compile(self.loss_fn) if t.compile else None
-        self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol) \
-            if cfg.compare.every else None
+        self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol,
+                             fail=cfg.compare.fail) if cfg.compare.every else None
         if self.shadow is not None and not self.shadow.modules:
             raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
                               suggestion="set layers.default: custom, or name layers under layers:")

@@ -1,14 +1,19 @@
 """Comparison inside training: shadow mode (each swapped layer re-run natively every N steps) and the lockstep run."""
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 from torch import nn
 
 from trainer import layers
 from trainer.checkpoint import reseed
-from trainer.compare import LOSS, diff, diffs, swapped_layers
+from trainer.compare import LOSS, diffs, size, swapped_layers
+
+PREFIX = "vs_native"  # shadow tags: after train/ and val/ in TensorBoard's alphabetical list
+
+
+class ShadowMismatch(RuntimeError):
+    """Shadow mode with ``compare.fail``: a swapped layer differed from its native counterpart."""
 
 
 class Shadow:
@@ -16,17 +21,31 @@ class Shadow:
 
     On a shadow step, hooks keep each swapped layer's inputs and incoming grad_output;
     afterwards both implementations re-run on exactly those, and the differences of
-    output, input grad and parameter grads, with the bytes each saved for backward, go to
-    TensorBoard as ``compare/<layer>/<tensor>/<metric>``. Training follows the model's
-    own path throughout; buffers (batch-norm statistics) are restored after the re-runs.
-    Between shadow steps no hook is installed, so the cost is zero.
+    output, input grad, parameter grads and the buffers each run leaves (batch-norm
+    statistics), with the bytes each saved for backward, go to TensorBoard as
+    ``vs_native/<module path>.<layer>/<tensor>/<metric>``. Training follows the model's own
+    path throughout; buffers are restored after the re-runs. Between shadow steps no hook
+    is installed, so the cost is zero.
+
+    The first failing check of each layer prints one ``warning:`` line; ``failures`` keeps
+    every failing step per layer for ``summary``. With ``fail``, the first failing check
+    raises ``ShadowMismatch`` instead.
     """
 
-    def __init__(self, model: nn.Module, loss_fn, every: int, rtol: float | None = None, atol: float | None = None):
-        self.every, self.rtol, self.atol = every, rtol, atol
-        self.modules = {p: (loss_fn if p == LOSS else model.get_submodule(p)) for p in swapped_layers(model, loss_fn)}
+    def __init__(self, model: nn.Module, loss_fn, every: int, rtol: float | None = None, atol: float | None = None,
+                 fail: bool = False):
+        self.every, self.rtol, self.atol, self.fail = every, rtol, atol, fail
+        self.names = swapped_layers(model, loss_fn)
+        self.modules = {p: (loss_fn if p == LOSS else model.get_submodule(p)) for p in self.names}
         self.handles: list = []
         self.seen: dict[str, dict] = {}
+        self.step = 0
+        self.checks = 0                                 # shadow steps compared so far
+        self.failures: dict[str, dict[int, list[str]]] = {}  # layer label -> step -> failing tensors
+
+    def label(self, path: str) -> str:
+        """``encoder.1.gelu``: the module path and the layer's registry name, as the tags name it."""
+        return f"{path}.{self.names[path]}"
 
     @property
     def armed(self) -> bool:
@@ -34,6 +53,7 @@ class Shadow:
 
     def before(self, step: int) -> None:
         """Called before step ``step`` runs: install the hooks if it is a shadow step."""
+        self.step = step
         if step % self.every == 0 and self.modules:
             for path, m in self.modules.items():
                 self.handles.append(m.register_forward_hook(self._keep(path)))
@@ -58,17 +78,50 @@ class Shadow:
             if "grad" not in rec:
                 continue
             (out_n, grads_n, bytes_n), (out_c, grads_c, bytes_c) = self.rerun_both(self.modules[path], rec)
-            pairs.append((f"{path}/output", "layer_output", out_c, out_n))
-            pairs += [(f"{path}/{k}", "input_grad" if k.endswith("_grad") else "param_grad", grads_c[k], grads_n[k])
-                      for k in grads_n]
-            values[f"compare/{path}/saved_bytes/native"] = bytes_n
-            values[f"compare/{path}/saved_bytes/custom"] = bytes_c
+            label = self.label(path)
+            pairs.append((f"{label}/output", "layer_output", out_c, out_n))
+            pairs += [(f"{label}/{k}", _kind(k), grads_c[k], grads_n[k]) for k in grads_n]
+            values[f"{PREFIX}/{label}/saved_bytes/native"] = bytes_n
+            values[f"{PREFIX}/{label}/saved_bytes/custom"] = bytes_c
+        failed = []
         for d in diffs(pairs, self.rtol, self.atol):  # all layers' numbers at once
-            for metric in ("max_abs_diff", "cosine", "norm_ratio"):
-                values[f"compare/{d.name}/{metric}"] = getattr(d, metric)
-            values[f"compare/{d.name}/ok"] = float(d.ok)
+            for metric in ("max_abs_diff", "rel_l2", "cosine", "norm_ratio", "score"):
+                values[f"{PREFIX}/{d.name}/{metric}"] = getattr(d, metric)
+            values[f"{PREFIX}/{d.name}/ok"] = float(d.ok)
+            if not d.ok:
+                failed.append(d)
         self.seen = {}
+        self.checks += 1
+        self._report(failed)
         return values
+
+    def _report(self, failed: list) -> None:
+        """Keep the failures; one warning line for a layer's first; raise with ``fail``."""
+        import sys
+
+        for d in sorted(failed, key=lambda d: -d.score):
+            label, tensor = d.name.split("/", 1)
+            first = label not in self.failures
+            self.failures.setdefault(label, {}).setdefault(self.step, []).append(tensor)
+            path, _, name = label.rpartition(".")
+            line = f"layer {path} ({name}): {tensor} differs from native at step {self.step} ({size(d)})"
+            if self.fail:
+                raise ShadowMismatch(f"shadow mode: {line}; stopped (compare.fail: true)")
+            if first:
+                print(f"warning: shadow mode: {line}; the run goes on, see the summary at its end", file=sys.stderr)
+
+    def summary(self) -> list[str]:
+        """One line per layer that failed a check, with the steps and tensors; or one line saying all passed."""
+        if not self.failures:
+            return [f"shadow mode: every swapped layer within tolerance at all {self.checks} checks"]
+        out = []
+        for label, steps in self.failures.items():
+            tensors = sorted({t for ts in steps.values() for t in ts})
+            shown = ", ".join(map(str, list(steps)[:10])) + (", ..." if len(steps) > 10 else "")
+            path, _, name = label.rpartition(".")
+            out.append(f"shadow mode: layer {path} ({name}) failed {len(steps)} of {self.checks} checks, at steps {shown} "
+                       f"({', '.join(tensors)})")
+        return out
 
     def rerun_both(self, module: nn.Module, rec: dict) -> list[tuple[torch.Tensor, dict, int]]:
         """(output, grads, saved bytes) of the native, then the custom implementation, on what training saw."""
@@ -79,9 +132,12 @@ class Shadow:
         try:
             for cls in (native_cls, custom_cls):
                 module.__class__ = cls
-                results.append(self._rerun(module, rec))
-                for k, b in module.named_buffers():
+                out, grads, saved = self._rerun(module, rec)
+                for k, b in module.named_buffers():  # what this implementation left in them, then as before
+                    if b.is_floating_point():
+                        grads[f"buffer.{k}"] = b.clone()
                     b.copy_(buffers[k])
+                results.append((out, grads, saved))
         finally:
             module.__class__ = was
         return results
@@ -110,3 +166,7 @@ class Shadow:
         grads = torch.autograd.grad(out, list(wrt.values()), rec["grad"], allow_unused=True)
         grads = {k: g if g is not None else torch.zeros_like(v) for (k, v), g in zip(wrt.items(), grads)}
         return out.detach(), grads, sum(storages.values())
+
+
+def _kind(key: str) -> str:
+    return "input_grad" if key.endswith("_grad") else "buffer" if key.startswith("buffer.") else "param_grad"
