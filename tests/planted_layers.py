@@ -245,3 +245,21 @@ models.register("scale")(Scale)
 def plain_mse() -> nn.Module:
     """MSE as a module of its own class, which has no twin."""
     return type("PlainMSE", (nn.Module,), {"forward": lambda self, out, y: ((out - y) ** 2).mean()})()
+
+
+class DoubleOutFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return (2 * x).double()  # the wrong dtype: the next layer would fail on it
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g.float()
+
+
+RaiserD = type("RaiserD", (Raiser,), {})
+layers.register("bad_dtype", native=RaiserD, custom=twin(RaiserD, DoubleOutFunction))

@@ -105,8 +105,11 @@ def test_small_angle_errors_carry_their_size_never_a_bare_ratio(tmp_path, capsys
     assert "relative L2" in line and "cosine" in line and "elements differ, worst at" in line
 
 
-@pytest.mark.parametrize("layer,function", [("raiser", "BadViewFunction.backward raised RuntimeError"),
-                                            ("wrong_shape", "WrongShapeFunction.backward raised RuntimeError")])
+@pytest.mark.parametrize("layer,function", [
+    ("raiser", "BadViewFunction.backward raised RuntimeError: shape '[7, -1]' is invalid"),
+    ("wrong_shape", "WrongShapeFunction.backward raised RuntimeError: Function WrongShapeFunctionBackward returned "
+                    "an invalid gradient"),
+    ("bad_dtype", "raised OutputMismatch: its output is float64 [32, 8], native's float32 [32, 8]")])
 def test_a_raising_backward_is_one_error_line_naming_layer_and_function(tmp_path, layer, function):
     report = tmp_path / "r.json"
     path = config(tmp_path, {"name": "planted", "layer": layer}, {"default": "native", layer: "custom"})

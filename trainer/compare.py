@@ -169,9 +169,17 @@ def swapped_layers(model: nn.Module, loss_fn: nn.Module | None = None) -> dict[s
     return found
 
 
+class OutputMismatch(RuntimeError):
+    """A twin's output has another shape or dtype than its native layer's on the same input."""
+
+
 def run(model: nn.Module, loss_fn, batches: Iterable, watch: Iterable[str], seed: int = 0,
-        autocast=None) -> Capture:
-    """Forward and backward every batch (grads accumulate), recording what ``watch``'s layers saw and produced."""
+        autocast=None, expect: Capture | None = None) -> Capture:
+    """Forward and backward every batch (grads accumulate), recording what ``watch``'s layers saw and produced.
+
+    With ``expect`` (the native run), a watched layer whose output's shape or dtype differs
+    from native's raises ``OutputMismatch`` at once, before the next layer fails on it.
+    """
     cap = Capture()
     modules = {p: (loss_fn if p == LOSS else model.get_submodule(p)) for p in watch}
     stack: list[str] = []
@@ -191,7 +199,14 @@ def run(model: nn.Module, loss_fn, batches: Iterable, watch: Iterable[str], seed
     def post(path):
         def hook(module, args, out):
             stack.pop()
-            cap.layer_outputs.setdefault(path, []).append(out.detach().clone())
+            done = cap.layer_outputs.setdefault(path, [])
+            want = expect.layer_outputs.get(path, []) if expect is not None else []
+            if isinstance(out, torch.Tensor) and len(done) < len(want) and \
+                    (out.shape != want[len(done)].shape or out.dtype != want[len(done)].dtype):
+                ref = want[len(done)]
+                raise OutputMismatch(f"its output is {str(out.dtype).removeprefix('torch.')} {list(out.shape)}, "
+                                     f"native's {str(ref.dtype).removeprefix('torch.')} {list(ref.shape)}")
+            done.append(out.detach().clone())
         return hook
 
     kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
@@ -386,7 +401,7 @@ class Comparison:
         return model, loss_fn
 
     def check(self, model: nn.Module, loss_fn) -> tuple[list[TensorDiff], Capture]:
-        cap = run(model, loss_fn, self.batches, self.swapped, self.seed, self.autocast)
+        cap = run(model, loss_fn, self.batches, self.swapped, self.seed, self.autocast, self.native)
         return diff_captures(cap, self.native, self.swapped, self.rtol, self.atol), cap
 
     def report(self, bisect: bool = True) -> Report:
