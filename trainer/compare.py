@@ -322,7 +322,8 @@ def describe(d: TensorDiff) -> str:
         head = f"{what} has the wrong shape"
     elif d.kind in ("layer_output", "loss", "output", "buffer"):
         head = f"{what} differs by up to {d.max_abs_diff:.3g}"
-    elif d.cosine > 0.999 and abs(d.norm_ratio - 1) >= 0.5 * d.rel_l2:  # a scale error: the ratio says it all
+    elif d.cosine > 0.999 and abs(d.norm_ratio - 1) >= 0.5 * d.rel_l2 and f"{d.norm_ratio:.3g}" != "1":
+        # a scale error: the ratio says it all
         head = f"{what} ×{d.norm_ratio:.3g} native"
     elif d.cosine < -0.999 and abs(d.norm_ratio - 1) >= 0.5 * abs(d.rel_l2 - 2):
         head = f"{what} has the wrong sign (×{-d.norm_ratio:.3g} native)"
