@@ -134,6 +134,14 @@ def test_a_raising_backward_is_one_error_line_naming_layer_and_function(tmp_path
         f"error: layer 1 ({layer}): "):]}
 
 
+def test_a_broken_twin_is_never_blamed_on_the_data(tmp_path):
+    path = config(tmp_path, {"name": "planted", "layer": "bad_dtype"}, {"default": "native", "bad_dtype": "custom"})
+    proc = run_cli("run", str(path), cwd=HERE)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: layers: a custom twin fails where its native layer runs: "), proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_compare_with_nothing_to_swap_says_so(tmp_path):
     path = config(tmp_path, {"name": "scale"}, {"default": "custom"}, loss="plain_mse")
     proc = run_cli("compare", str(path), cwd=HERE)
