@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from trainer import layers
-from trainer.compare import Comparison, format_report
+from trainer.check.compare import Comparison
+from trainer.check.report import format_report
 
 
 class TutorialReLUFunction(torch.autograd.Function):

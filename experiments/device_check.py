@@ -171,8 +171,8 @@ def check_twins(device: str) -> tuple[bool, str]:
 
 
 def check_compare(logdir: Path, device: str) -> tuple[bool, str]:
-    from trainer.compare import compare_config
-    from trainer.lockstep import run_lockstep
+    from trainer.check.compare import compare_config
+    from trainer.check.lockstep import run_lockstep
 
     report, _ = compare_config(config(logdir, device))
     steps_ok = run_lockstep(config(logdir, device), 20).ok

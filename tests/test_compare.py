@@ -14,9 +14,10 @@ from torch import nn
 
 import planted_layers  # noqa: F401  registers the planted layers in this process
 from conftest import run_cli
-from trainer import Trainer, compare, load_config
+from trainer import Trainer, load_config
 from trainer.cli import main
-from trainer.compare import Comparison, diff, diffs
+from trainer.check import diff as diff_module
+from trainer.check.compare import Comparison, diff, diffs
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,7 +106,7 @@ def test_diff_numbers_and_vacuous_guard():
 
 @pytest.mark.parametrize("group", [1 << 20, 3], ids=["one-group", "groups-of-3-elements"])
 def test_diffs_at_once_equal_one_at_a_time_and_agree_with_assert_close(monkeypatch, group):
-    monkeypatch.setattr(compare, "_GROUP_NUMEL", group)
+    monkeypatch.setattr(diff_module, "_GROUP_NUMEL", group)
     inf, nan = float("inf"), float("nan")
     g = torch.Generator().manual_seed(0)
     base = torch.randn(50, generator=g)

@@ -45,5 +45,5 @@ def test_compiled_run_follows_the_eager_loss_curve(quick, task):
                                 "train.max_steps=20", "train.max_epochs=null", "log.every=2"))
         curves[compiled] = losses(trainer.fit().run_dir)
         # the model and the loss (a twin) are both compiled
-        assert [type(m).__name__ == "OptimizedModule" for m in (trainer.net, trainer.compiled_loss)] == [compiled] * 2
+        assert [type(m).__name__ == "OptimizedModule" for m in (trainer.net, trainer.loss)] == [compiled] * 2
     torch.testing.assert_close(torch.tensor(curves[True]), torch.tensor(curves[False]), rtol=1e-5, atol=1e-5)

@@ -1,35 +1,115 @@
-"""One place that turns a config into model, loss, optimizer, scheduler and data.
+"""One place that turns a config into the parts of a run: ``build(cfg) -> Parts``.
 
-The training loop and the gradient comparison both build through here, so they can
-never disagree about what a config means.
+The Trainer, ``trainer compare``, the lockstep run and the NaN diagnosis all build through
+here, so they can never disagree about what a config means; a hand-written loop can too.
+Checks that need the built parts (float16 without CUDA, a monitor or scheduler that needs
+validation data, a batch larger than the data) are made here, before anything is written.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+import random
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from trainer import datasets, layers, losses, models, optimizers, schedulers
+from trainer import components, data, distributed, layers
 from trainer.config import Component, Config
+from trainer.data import ResumableSampler
+from trainer.distributed import Env
 from trainer.errors import ConfigError
-from trainer.registry import Registry
-
-# Arguments the builder passes itself, per config section; a config cannot set them.
-INJECTED: dict[str, tuple[str, ...]] = {"optimizer": ("params",), "scheduler": schedulers.INJECTED}
 
 
-def registry(section: str) -> Registry:
-    """The registry a config section picks its entry from."""
-    return {"model": models.REGISTRY, "loss": losses.REGISTRY, "optimizer": optimizers.REGISTRY,
-            "scheduler": schedulers.REGISTRY, "data": datasets.REGISTRY}[section]
+@dataclass
+class Parts:
+    """Everything a run is made of, built from one config; nothing is written anywhere.
+
+    ``model`` and ``loss`` are on ``device``; ``train_loader`` draws from ``sampler``
+    (``set_epoch(epoch)`` before each epoch, as a ``DistributedSampler``); ``val_loader``
+    is None without validation data; ``scheduler`` is None without a ``scheduler:``
+    section, else it has ``.interval`` in step | epoch | metric. ``autocast`` is the context
+    each forward runs in and ``scaler`` the GradScaler (enabled for ``precision: 16`` only).
+    """
+
+    cfg: Config
+    env: Env
+    device: torch.device
+    model: nn.Module
+    loss: Callable[..., torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_set: Dataset
+    val_set: Dataset | None
+    train_loader: DataLoader
+    sampler: ResumableSampler
+    val_loader: DataLoader | None
+    batches_per_epoch: int
+    steps_per_epoch: int        # optimizer steps: batches_per_epoch / train.accumulate, rounded up
+    total_steps: int            # where train.max_steps or train.max_epochs ends the run
+    autocast: contextlib.AbstractContextManager
+    scaler: torch.amp.GradScaler
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build(cfg: Config) -> Parts:
+    """The parts of the run ``cfg`` describes, seeded with ``cfg.seed`` and checked.
+
+    Under torchrun this joins the process group (every rank builds the same initial
+    weights, then draws its own dropout masks).
+
+    Raises:
+        ConfigError: the config cannot run as given (naming the config path).
+    """
+    t = cfg.train
+    env = distributed.setup(t.device)
+    device = env.device
+    if t.precision == "16" and device.type != "cuda":
+        raise ConfigError("train.precision", "float16 training needs CUDA", suggestion="use precision: bf16 on CPU")
+    seed_everything(cfg.seed)
+    model = build_model(cfg).to(device)
+    loss = build_loss(cfg).to(device)
+    if env.distributed:
+        torch.manual_seed(cfg.seed + env.rank)  # same initial weights, different dropout per rank
+    train_set, val_set = build_datasets(cfg)
+    train_loader, sampler, val_loader = data.loaders(train_set, val_set, cfg.data, env, cfg.seed)
+    batches_per_epoch = len(train_loader)
+    if batches_per_epoch == 0:
+        raise ConfigError("data.batch_size", f"larger than the {len(train_set)} training samples with drop_last")
+    if t.monitor and t.monitor.startswith("val/") and val_loader is None:
+        raise ConfigError("train.monitor", f"{t.monitor} needs validation data",
+                          suggestion="give the dataset a val_fraction, or monitor train/loss")
+    steps_per_epoch = math.ceil(batches_per_epoch / t.accumulate)
+    total_steps = min(n for n in [t.max_steps, t.max_epochs and t.max_epochs * steps_per_epoch] if n)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
+    if scheduler is not None and scheduler.interval == "metric" and val_loader is None:
+        raise ConfigError("scheduler.name", f"{cfg.scheduler.name} watches val/loss, but there is no validation data",
+                          suggestion="give the dataset a val_fraction, or pick another scheduler")
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "16")
+    low = {"bf16": torch.bfloat16, "16": torch.float16}.get(t.precision)
+    autocast = torch.autocast(device.type, dtype=low) if low else contextlib.nullcontext()
+    if cfg.compare.every and not runs_custom(model, loss):
+        raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
+                          suggestion="set layers.default: custom, or name layers under layers:")
+    check_fit(model, loss, train_set, device)
+    return Parts(cfg, env, device, model, loss, optimizer, scheduler, train_set, val_set, train_loader, sampler,
+                 val_loader, batches_per_epoch, steps_per_epoch, total_steps, autocast, scaler)
 
 
 def call(section: str, comp: Component, *args: Any, **injected: Any) -> Any:
     """Build ``comp`` from its registry entry; any complaint from the entry becomes a ConfigError under ``section``."""
-    entry: Callable[..., Any] = registry(section).get(comp.name, f"{section}.name")
+    entry: Callable[..., Any] = components.registry(section).get(comp.name, f"{section}.name")
     try:
         return entry(*args, **injected, **comp.kwargs)
     except ConfigError as e:
@@ -83,6 +163,12 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Dataset | None]:
     if len(train) == 0:
         raise ConfigError("data", "the training set is empty")
     return train, val
+
+
+def runs_custom(*modules: Any) -> bool:
+    """Whether any registry layer inside ``modules`` (nn.Modules; other callables are skipped) runs its twin."""
+    return any((info := layers.impl_of(m)) is not None and info[1] == "custom"
+               for module in modules if isinstance(module, nn.Module) for m in module.modules())
 
 
 def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device) -> None:

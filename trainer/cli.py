@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from trainer import __version__
+from trainer.check.report import table
 from trainer.errors import ConfigError
 
 EXAMPLES = "examples: trainer run configs/quickstart.yaml optimizer.lr=0.1 | trainer layers | trainer gradcheck relu"
@@ -15,13 +17,6 @@ EXAMPLES = "examples: trainer run configs/quickstart.yaml optimizer.lr=0.1 | tra
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one `error:` line and exit 2, like every other user error
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
 def split_values(text: str) -> list[str]:
@@ -50,20 +45,19 @@ def sweep_overrides(sweep: Sequence[str]) -> list[list[str]]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from trainer import Trainer  # with shadow mode and NaN diagnosis attached
+    from trainer.build import build
     from trainer.config import load_config
-    from trainer.loop import Trainer
 
     if args.resume and args.sweep:
         raise ConfigError("--resume", "cannot be combined with --sweep", suggestion="resume one run at a time")
     configs = [load_config(args.config, [*args.overrides, *combo]) for combo in sweep_overrides(args.sweep)]
     if len(configs) > 1:
         for cfg in configs:  # build every combination once before any run writes anything
-            Trainer(cfg)
+            build(cfg)
     for cfg in configs:
         trainer = Trainer(cfg, resume=args.resume)
         result = trainer.fit()
-        if trainer.env.main and trainer.shadow is not None:
-            print("\n".join(trainer.shadow.summary()), file=sys.stderr)
         if trainer.env.main:
             shown = "  ".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items()))
             early = "  (stopped early)" if result.stopped_early else ""
@@ -75,14 +69,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from trainer.compare import compare_config, format_report
+    from trainer.check.compare import compare_config
+    from trainer.check.report import format_report
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
     if args.steps is not None:
-        from trainer.lockstep import run_lockstep
+        from trainer.check.lockstep import run_lockstep
 
         if args.steps < 1:
             raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
@@ -167,6 +162,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     """The top-level parser (for help) and each command's parser."""
     p = Parser(prog="trainer", description="Config-driven PyTorch training with hand-written autograd twins.",
                epilog=EXAMPLES)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="train; writes <log.dir>/<name>/version_<N>/")
     run.add_argument("config", help="a YAML config file")
@@ -205,8 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = top.parse_args(argv)
+    from trainer.check.shadow import ShadowMismatch
     from trainer.loop import Interrupted, NonFiniteLoss
-    from trainer.shadow import ShadowMismatch
 
     try:
         return args.fn(args)

@@ -305,7 +305,7 @@ def section(raw: Any, cls: type, path: str) -> Any:
 
 def component(raw: Any, path: str, cls: type[Component]) -> Component:
     """A ``{name: ..., **kwargs}`` section checked against its registry entry's signature, defaults filled in."""
-    from trainer import build
+    from trainer import components  # the registries import torch; keep `trainer config --help` light
 
     if isinstance(raw, str):
         raw = {"name": raw}
@@ -315,8 +315,8 @@ def component(raw: Any, path: str, cls: type[Component]) -> Component:
     own = {f.name for f in dataclasses.fields(cls)} - {"name", "kwargs"}
     fixed = {k: check_type(raw.pop(k), _hint(cls, k), f"{path}.{k}") for k in list(raw) if k in own}
     name = check_type(raw.pop("name"), str, f"{path}.name")
-    entry = build.registry(path).get(name, f"{path}.name")
-    kwargs = check_kwargs(entry, raw, path, skip=build.INJECTED.get(path, ()), extra=sorted(own))
+    entry = components.registry(path).get(name, f"{path}.name")
+    kwargs = check_kwargs(entry, raw, path, skip=components.INJECTED.get(path, ()), extra=sorted(own))
     return cls(name=name, kwargs=kwargs, **fixed)
 
 

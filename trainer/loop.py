@@ -1,29 +1,31 @@
-"""The Trainer: build from a config, then the plain zero_grad / forward / loss / backward / step loop."""
+"""The Trainer: the parts ``build`` makes from a config, trained by the plain zero_grad / forward / loss / backward / step loop.
+
+Per-step work of one's own attaches through ``trainer.callbacks.Callback``.
+"""
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from trainer import checkpoint, data, distributed
-from trainer.build import build_datasets, build_loss, build_model, build_optimizer, build_scheduler, check_fit
+from trainer import checkpoint, distributed
+from trainer.build import build, seed_everything  # noqa: F401  (seed_everything: also the loop's public name)
+from trainer.callbacks import Callback, built_in
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
 from trainer.logs import RunLog, flatten
 from trainer.monitor import Monitor
-from trainer.shadow import Shadow
 
 
 @dataclass
@@ -59,12 +61,6 @@ class Interrupted(KeyboardInterrupt):
 NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def grad_norm(model: torch.nn.Module) -> float:
     """The 2-norm of all parameter grads together (one fused reduction, one sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -78,66 +74,48 @@ def grad_norm(model: torch.nn.Module) -> float:
 class Trainer:
     """Trains the model a config describes.
 
-    Everything is built and checked in the constructor, so a bad config fails before
-    anything is written; ``fit`` creates the run directory and trains.
+    Everything is built (by ``trainer.build``) and checked in the constructor, so a bad
+    config fails before anything is written; ``fit`` creates the run directory and trains.
+    The step runs ``net`` (the model, under DDP and ``torch.compile`` when asked) and
+    ``loss``; validation runs the plain ``model`` and ``loss_fn``.
 
     Args:
         cfg: a ``Config`` (from ``load_config``), a mapping or a YAML path.
         resume: a run directory to continue from its newest good checkpoint, in place.
+        callbacks: per-step work of your own (``trainer.Callback``), run in order after the
+            built-in ones the config asks for (shadow mode, NaN diagnosis).
     """
 
-    def __init__(self, cfg: Config | dict | str | PathLike, *, resume: str | PathLike | None = None):
+    def __init__(self, cfg: Config | dict | str | PathLike, *, resume: str | PathLike | None = None,
+                 callbacks: Sequence[Callback] = ()):
         self.cfg = cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
         t = cfg.train
-        self.env = distributed.setup(t.device)
-        self.device = self.env.device
-        if t.precision == "16" and self.device.type != "cuda":
-            raise ConfigError("train.precision", "float16 training needs CUDA", suggestion="use precision: bf16 on CPU")
-        seed_everything(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
-        self.loss_fn = build_loss(cfg).to(self.device)
-        if self.env.distributed:
-            torch.manual_seed(cfg.seed + self.env.rank)  # same initial weights, different dropout per rank
-        train_set, val_set = build_datasets(cfg)
-        self.train_loader, self.sampler, self.val_loader = data.loaders(train_set, val_set, cfg.data, self.env,
-                                                                        cfg.seed)
-        self.batches_per_epoch = len(self.train_loader)
-        if self.batches_per_epoch == 0:
-            raise ConfigError("data.batch_size", f"larger than the {len(train_set)} training samples with drop_last")
-        if t.monitor and t.monitor.startswith("val/") and self.val_loader is None:
-            raise ConfigError("train.monitor", f"{t.monitor} needs validation data",
-                              suggestion="give the dataset a val_fraction, or monitor train/loss")
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / t.accumulate)
-        self.total_steps = min(n for n in [t.max_steps, t.max_epochs and t.max_epochs * self.steps_per_epoch] if n)
-        self.optimizer = build_optimizer(cfg, self.model)
-        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps, self.steps_per_epoch)
-        if self.scheduler is not None and self.scheduler.interval == "metric" and self.val_loader is None:
-            raise ConfigError("scheduler.name", f"{cfg.scheduler.name} watches val/loss, but there is no validation data",
-                              suggestion="give the dataset a val_fraction, or pick another scheduler")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "16")
-        low = {"bf16": torch.bfloat16, "16": torch.float16}.get(t.precision)
-        self.autocast = torch.autocast(self.device.type, dtype=low) if low else contextlib.nullcontext()
-        check_fit(self.model, self.loss_fn, train_set, self.device)
+        parts = build(cfg)  # builds and checks everything the config names; writes nothing
+        self.env, self.device = parts.env, parts.device
+        self.model, self.loss_fn = parts.model, parts.loss  # as built: validation and checkpoints use these
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        self.autocast, self.scaler = parts.autocast, parts.scaler
+        self.train_loader, self.sampler, self.val_loader = parts.train_loader, parts.sampler, parts.val_loader
+        self.batches_per_epoch = parts.batches_per_epoch
+        self.steps_per_epoch, self.total_steps = parts.steps_per_epoch, parts.total_steps
         self.ddp = distributed.wrap(self.model, self.env)
-        self.net = torch.compile(self.ddp) if t.compile else self.ddp
+        self.net = torch.compile(self.ddp) if t.compile else self.ddp  # the model as the step runs it
         # the loss too: a twin loss is a dozen small ops that inductor fuses into a kernel or two
-        self.compiled_loss = torch.compile(self.loss_fn) if t.compile else None
-        self.shadow = Shadow(self.model, self.loss_fn, cfg.compare.every, cfg.compare.rtol, cfg.compare.atol,
-                             fail=cfg.compare.fail) if cfg.compare.every else None
-        if self.shadow is not None and not self.shadow.modules:
-            raise ConfigError("compare.every", "shadow mode compares swapped layers, but no layer runs custom",
-                              suggestion="set layers.default: custom, or name layers under layers:")
+        self._compiled_loss = torch.compile(self.loss_fn) if t.compile else None
         self.monitor = Monitor(t.monitor, t.monitor_mode, t.min_delta, t.patience)
         self.step = self.epoch = self.batch_in_epoch = 0
         self.metrics: dict[str, float] = {}
         self.run_dir: Path | None = None
         self.checkpoints: checkpoint.Checkpoints | None = None
+        self.log = RunLog(None, total=None, initial=0, progress=False, enabled=False)  # fit() opens the run's own
         self._rng: dict[str, Any] | None = None
         self._signal: int | None = None
         self._window: list[torch.Tensor] = []
         self._skipped = self._samples = 0
         self._validated_at = self._saved_at = -1
         self.stopped_early = False
+        self._clock = time.perf_counter()  # restarted when fit() starts
+        self.callbacks: list[Callback] = [*built_in(self), *callbacks]
         if resume is not None:
             self.run_dir = Path(resume)
             self.checkpoints = checkpoint.Checkpoints(self.run_dir, t.keep_checkpoints)
@@ -147,18 +125,22 @@ class Trainer:
                       "the newest good checkpoint", file=sys.stderr)
             self.restore(state)
 
+    @property
+    def loss(self):
+        """The loss as the training step calls it: ``loss_fn``, compiled under ``train.compile``."""
+        return self.loss_fn if self._compiled_loss is None else self._compiled_loss
+
     # --- the loop -------------------------------------------------------------------------
 
     def train_step(self, batches: list) -> torch.Tensor:
         """One optimizer step over ``batches`` (K accumulated micro-batches); returns the detached mean loss."""
         self.optimizer.zero_grad(set_to_none=True)
         k, losses = len(batches), []
-        loss_fn = self.loss_fn if self.compiled_loss is None else self.compiled_loss
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.no_sync() if i < k - 1 else NULL:  # under DDP, all-reduce on the last micro-batch only
                 with self.autocast:
-                    loss = loss_fn(self.net(x), y)
+                    loss = self.loss(self.net(x), y)
                 # the mean of K equal micro-batch means is the mean of one K-times-larger batch
                 self.scaler.scale(loss / k if k > 1 else loss).backward()
             losses.append(loss.detach())
@@ -200,32 +182,29 @@ class Trainer:
                 while not self.finished():
                     self.train_epoch()
                 self.finish()
-        except NonFiniteLoss as e:
+        except BaseException as e:
             self.log.close()
-            from trainer.compare import swapped_layers
-            if not env.distributed and swapped_layers(self.model, self.loss_fn):  # twins in use: find the culprit
-                from trainer.diagnose import first_nonfinite
-                e.diagnosis = first_nonfinite(cfg, self.run_dir, e.step)
+            for cb in self.callbacks:
+                cb.on_error(self, e)
             raise
         finally:
             self.log.close()
         return FitResult(self.run_dir, dict(self.metrics), self.step, self.epoch, self.stopped_early)
 
     def train_epoch(self) -> None:
-        self.sampler.set_epoch(self.epoch)
-        self.sampler.skip = self.batch_in_epoch * self.cfg.data.batch_size
-        batches = iter(self.train_loader)
         every = self.cfg.log.every
-        while self.batch_in_epoch < self.batches_per_epoch and not self.finished():
-            group = list(islice(batches, min(self.cfg.train.accumulate, self.batches_per_epoch - self.batch_in_epoch)))
-            if self.shadow is not None:
-                self.shadow.before(self.step + 1)
-            self._window.append(self.train_step(group))
+        for group in self.batch_groups():
+            for cb in self.callbacks:
+                cb.before_step(self)
+            loss = self.train_step(group)
+            self._window.append(loss)
             self.batch_in_epoch += len(group)
             self.step += 1
             self.log.bar.update()
             if self.step % every == 0:
                 self.log_train()
+            for cb in self.callbacks:
+                cb.after_step(self, loss)
             self.on_step()
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -236,11 +215,21 @@ class Trainer:
             if not self.finished():
                 self.save()
 
+    def batch_groups(self) -> Iterator[list]:
+        """This epoch's groups of ``train.accumulate`` micro-batches, from ``batch_in_epoch`` on, until the run is done.
+
+        The order depends only on (seed, epoch), so a resumed run sees the same groups. The
+        caller advances ``batch_in_epoch`` and ``step`` after each group (checkpoints record them).
+        """
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip = self.batch_in_epoch * self.cfg.data.batch_size
+        batches = iter(self.train_loader)
+        while self.batch_in_epoch < self.batches_per_epoch and not self.finished():
+            yield list(islice(batches, min(self.cfg.train.accumulate, self.batches_per_epoch - self.batch_in_epoch)))
+
     def on_step(self) -> None:
-        """Cadenced work after each step: shadow comparison, validation, checkpoints, histograms, interrupts."""
+        """Cadenced work after each step: validation, checkpoints, histograms, interrupts."""
         t, log, step = self.cfg.train, self.cfg.log, self.step
-        if self.shadow is not None and self.shadow.armed:
-            self.log.scalars(step, self.shadow.collect())
         if t.val_every and step % t.val_every == 0:
             self.validate()
         if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -268,6 +257,8 @@ class Trainer:
             self.validate()
         self.save()
         self.log.hparams(flatten(self.cfg.to_dict()), self.metrics)
+        for cb in self.callbacks:
+            cb.on_end(self)
 
     # --- measuring ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The lockstep run: native and custom trained side by side, each step's custom gradients judged against native's.
+"""The lockstep run (``trainer compare --steps N``): native and custom trained side by side, each step's custom gradients judged against native's.
 
 Judging the parameters after N steps judges the optimizer too: where a parameter's true
 gradient is 0 (a Linear bias before a batch norm), both sides compute rounding noise, and
@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.compare import Comparison, Culprit, TensorDiff, diff, diffs, owners, size
+from trainer import checkpoint
+from trainer.check.compare import Comparison, Culprit, owners
+from trainer.check.diff import TensorDiff, diff, diffs, size
+from trainer.config import Config
+from trainer.loop import Trainer
 
 
 @dataclass
@@ -73,7 +77,7 @@ def _probe_grads(probe, loss_fn, group: list, device, autocast, clip: float | No
     return torch.stack(losses).mean()
 
 
-def run_lockstep(cfg, steps: int) -> Lockstep:
+def run_lockstep(cfg: Config, steps: int) -> Lockstep:
     """Train native and custom copies side by side for ``steps`` steps, judging each step's custom gradients.
 
     Writes ``<log.dir>/<name>-lockstep/version_<N>/``: ``native/`` and ``custom/`` hold the
@@ -85,12 +89,10 @@ def run_lockstep(cfg, steps: int) -> Lockstep:
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from trainer import checkpoint
-    from trainer.loop import Trainer
-
     custom_map = cfg.layers if any(v == "custom" for v in cfg.layers.values()) else {"default": "custom"}
-    native = Trainer(dataclasses.replace(cfg, layers={"default": "native"}))
-    custom = Trainer(dataclasses.replace(cfg, layers=custom_map))
+    plain = dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, every=None))  # no shadow mode here
+    native = Trainer(dataclasses.replace(plain, layers={"default": "native"}))  # both built by trainer.build
+    custom = Trainer(dataclasses.replace(plain, layers=custom_map))
     probe = copy.deepcopy(native.model)  # native classes; takes the custom model's state each step
     # native in float64: the judge of a difference beyond tolerance (under autocast there is no such judge)
     reference = (copy.deepcopy(native.model).double(), copy.deepcopy(native.loss_fn).double(), custom.device,
@@ -163,8 +165,6 @@ def _verdict(d: TensorDiff) -> float:
 def _rescue(bad: list[TensorDiff], model, probe, reference, pre: dict, group: list, rng, after) -> int:
     """Pass the tensors outside elementwise tolerance whose custom value is about as close to a float64 native
     run as the float32 native one is (rounding through many layers, not a wrong twin); returns how many."""
-    from trainer import checkpoint
-
     ref, loss_fn, device, clip = reference
     ref.load_state_dict(pre)  # cast to float64 on copy
     checkpoint.set_rng_state(rng)

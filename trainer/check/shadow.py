@@ -1,13 +1,16 @@
-"""Comparison inside training: shadow mode (each swapped layer re-run natively every N steps) and the lockstep run."""
+"""Shadow mode (``compare.every: N``): each swapped layer re-run natively every N training steps, as a callback."""
 from __future__ import annotations
 
+import sys
 
 import torch
 from torch import nn
 
 from trainer import layers
+from trainer.callbacks import Callback
+from trainer.check.capture import LOSS, swapped_layers
+from trainer.check.diff import diffs, size
 from trainer.checkpoint import reseed
-from trainer.compare import LOSS, diffs, size, swapped_layers
 
 PREFIX = "vs_native"  # shadow tags: after train/ and val/ in TensorBoard's alphabetical list
 
@@ -16,7 +19,7 @@ class ShadowMismatch(RuntimeError):
     """Shadow mode with ``compare.fail``: a swapped layer differed from its native counterpart."""
 
 
-class Shadow:
+class Shadow(Callback):
     """Every ``every`` steps, each custom layer and its native counterpart run on what that layer saw in training.
 
     On a shadow step, hooks keep each swapped layer's inputs and incoming grad_output;
@@ -28,8 +31,11 @@ class Shadow:
     is installed, so the cost is zero.
 
     The first failing check of each layer prints one ``warning:`` line; ``failures`` keeps
-    every failing step per layer for ``summary``. With ``fail``, the first failing check
-    raises ``ShadowMismatch`` instead.
+    every failing step per layer for ``summary``, which ``on_end`` prints. With ``fail``, the
+    first failing check raises ``ShadowMismatch`` instead (the CLI exits 1).
+
+    ``trainer.check.attach`` adds one to a Trainer whose config sets ``compare.every``;
+    ``before_step`` and ``after_step`` are its hooks into the loop.
     """
 
     def __init__(self, model: nn.Module, loss_fn, every: int, rtol: float | None = None, atol: float | None = None,
@@ -42,6 +48,7 @@ class Shadow:
         self.step = 0
         self.checks = 0                                 # shadow steps compared so far
         self.failures: dict[str, dict[int, list[str]]] = {}  # layer label -> step -> failing tensors
+        self.speak = True                               # print warnings and the summary (rank 0 only)
 
     def label(self, path: str) -> str:
         """``encoder.1.gelu``: the module path and the layer's registry name, as the tags name it."""
@@ -51,12 +58,23 @@ class Shadow:
     def armed(self) -> bool:
         return bool(self.handles)
 
-    def before(self, step: int) -> None:
-        """Called before step ``step`` runs: install the hooks if it is a shadow step."""
-        self.step = step
-        if step % self.every == 0 and self.modules:
+    def before_step(self, trainer) -> None:
+        """Before step ``trainer.step + 1``: install the hooks if it is a shadow step."""
+        self.step = trainer.step + 1
+        self.speak = trainer.env.main
+        if self.step % self.every == 0 and self.modules:
             for path, m in self.modules.items():
                 self.handles.append(m.register_forward_hook(self._keep(path)))
+
+    def after_step(self, trainer, loss: torch.Tensor) -> None:
+        """After a shadow step: compare, and log the scalars at that step."""
+        if self.armed:
+            trainer.log.scalars(trainer.step, self.collect())
+
+    def on_end(self, trainer) -> None:
+        """The run finished: print the summary (which layers failed, at which steps)."""
+        if trainer.env.main:
+            print("\n".join(self.summary()), file=sys.stderr)
 
     def _keep(self, path: str):
         def hook(module, args, out):
@@ -97,8 +115,6 @@ class Shadow:
 
     def _report(self, failed: list) -> None:
         """Keep the failures; one warning line for a layer's first; raise with ``fail``."""
-        import sys
-
         for d in sorted(failed, key=lambda d: -d.score):
             label, tensor = d.name.split("/", 1)
             first = label not in self.failures
@@ -107,7 +123,7 @@ class Shadow:
             line = f"layer {path} ({name}): {tensor} differs from native at step {self.step} ({size(d)})"
             if self.fail:
                 raise ShadowMismatch(f"shadow mode: {line}; stopped (compare.fail: true)")
-            if first:
+            if first and self.speak:
                 print(f"warning: shadow mode: {line}; the run goes on, see the summary at its end", file=sys.stderr)
 
     def summary(self) -> list[str]:

@@ -1,6 +1,6 @@
 """Where a mismatch is: which elements of a tensor differ, what the layer's input held there, and who raised.
 
-The comparison's numbers (``trainer.compare.TensorDiff``) say how far apart two tensors
+The comparison's numbers (``trainer.check.diff.TensorDiff``) say how far apart two tensors
 are; this module says where: how many elements are outside tolerance, the worst one's
 index and values, and, for a layer's input grad, what the input held at the differing
 elements (a ReLU twin wrong only at its kink shows "all 37 have input exactly 0").
