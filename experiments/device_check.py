@@ -181,10 +181,10 @@ def check_twins(device: str) -> tuple[bool, str]:
 
 def check_compare(logdir: Path, device: str) -> tuple[bool, str]:
     from trainer.check.compare import compare_config
-    from trainer.check.lockstep import lockstep
+    from trainer.check.lockstep import run_lockstep
 
     report, _ = compare_config(config(logdir, device))
-    steps_ok, _ = lockstep(config(logdir, device), 20)
+    steps_ok = run_lockstep(config(logdir, device), 20).ok
     return report.ok and steps_ok, f"compare on {device} with dropout: one batch ok {report.ok}, 20 lockstep steps ok {steps_ok}"
 
 

@@ -78,22 +78,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
     if args.steps is not None:
-        from trainer.check.lockstep import lockstep
+        from trainer.check.lockstep import run_lockstep
 
         if args.steps < 1:
             raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--steps", "the lockstep run is single-process", suggestion="run it without torchrun")
-        ok, run_dir = lockstep(cfg, args.steps)
-        print(f"{run_dir}  {'ok' if ok else 'MISMATCH'}: parameters {'stayed' if ok else 'did not stay'} "
-              f"within tolerance for {args.steps} steps")
-        return 0 if ok else 1
+        result = run_lockstep(cfg, args.steps)
+        print("\n".join(result.lines()))
+        return 0 if result.ok else 1
     from trainer import distributed
 
     report, env = compare_config(cfg)
     ok = not distributed.any_rank(not report.ok, env)  # under torchrun: every rank's shard must agree
     if env.main:
-        print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
+        if report.error:  # a twin raised: one line, and the JSON marks that layer failed
+            print(f"error: {report.error}", file=sys.stderr)
+        else:
+            print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
         if args.json:
             Path(args.json).write_text(json.dumps(report.to_dict() | {"ok": ok}, indent=2))
     return 0 if ok else 1
@@ -247,6 +249,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = top.parse_args(argv)
+    from trainer.check.shadow import ShadowMismatch
     from trainer.checkpoint import CheckpointError
     from trainer.loop import Interrupted, InterruptedTwice, NonFiniteLoss
 
@@ -255,7 +258,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLoss, CheckpointError) as e:
+    except (NonFiniteLoss, CheckpointError, ShadowMismatch) as e:
         ignore_signals()
         print(f"error: {e}", file=sys.stderr)
         return 1

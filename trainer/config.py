@@ -95,6 +95,7 @@ class CompareConfig:
     atol: float | None = None           # null: likewise
     bisect: bool = True                 # on a mismatch, swap layers one at a time to name the culprit
     every: int | None = None            # shadow mode: compare each swapped layer every N training steps (null: off)
+    fail: bool = False                  # shadow mode: stop the run (exit 1) at the first check outside tolerance
 
 
 @dataclass
