@@ -4,7 +4,7 @@ Native and custom calls alternate (native, custom, native, ...) on the same inpu
 each timed on its own, so machine noise hits both alike; a ratio is the median over rounds of
 custom/native time.
 Saved bytes are the distinct storages autograd keeps for pre -> layer -> post, where post keeps
-the layer's output anyway, as the next Linear would (trainer.audit.saved_bytes).
+the layer's output anyway, as the next Linear would (trainer.check.audit.saved_bytes).
 
     python experiments/bench_layers.py                      # every layer at 1e4, 1e5, 1e6 elements
     python experiments/bench_layers.py --sizes 1e7 --layers relu gelu
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer import layers
-from trainer.audit import saved_bytes
+from trainer.check.audit import saved_bytes
 
 
 def rows(n: int, width: int) -> int:

@@ -7,12 +7,18 @@ turn holds one logging step), and each sums the time of its own turns: on a shar
 noisy machine a slow spell then falls on both alike, which whole runs one after the
 other cannot promise (those differed by 1.5x here). Steps up to WARM (one-off setup,
 first allocations) and the last turn (teardown) are left out; the figure is the median
-over repeats of the ratio of the summed times.
+over repeats of the ratio of the summed times. Each turn is also timed in CPU seconds of
+the whole process (``time.process_time``: the loop's thread, the trainer's checkpoint
+writer, TensorBoard's writer thread), which time spent waiting for a busy machine's
+cores does not inflate: the second ratio, the steadier one when the machine is shared.
 
-The trainer's built-in datasets hand the loader whole batches, one gather per tensor
-(``trainer.datasets.Tensors``). So each model has two rows: against the loop a user
-writes with a plain per-sample DataLoader, and against the same bare loop on gathered
-batches, which leaves only the cost of the trainer's own loop.
+The rows show each cost on its own. The data is the user's own plain ``TensorDataset``
+(per-sample ``__getitem__`` and default collate) on both sides, given to the trainer
+through the config (a dataset registered here), unless the row says "gathered": then
+both sides get the built-in datasets' whole gathered batches (``trainer.datasets.Tensors``).
+"50-batch epochs" means the trainer checkpoints every 50 steps (at each epoch end); it
+waits for its background writer before passing the baton, so a write is charged to the
+trainer whole. "Long epochs": one epoch for the whole run, no checkpoint until the end.
 
     python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
@@ -27,35 +33,48 @@ import sys
 import tempfile
 import threading
 import time
-from functools import partial
 
 import torch
-import yaml
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trainer import Trainer, data, datasets, load_config
 
-# name: (widths, data section, loss)
 WARM = 100
 TURN = 50
+SHORT = 50  # batches in a short epoch
+# name: (widths, dataset kind, loss)
 MODELS = {
-    "tiny": ([32, 64, 64, 1], "{name: regression, in_features: 32, n_samples: N, val_fraction: 0.0}", "mse"),
-    "medium": ([256, 512, 512, 10], "{name: classification, n_features: 256, n_classes: 10, n_samples: N, "
-                                    "val_fraction: 0.0}", "cross_entropy"),
+    "tiny": ([32, 64, 64, 1], "regression", "mse"),
+    "medium": ([256, 512, 512, 10], "classification", "cross_entropy"),
 }
 
 
-def config(model: str, steps: int, logdir: str, extra: list[str]):
-    widths, data, loss = MODELS[model]
+@datasets.register("bench_plain")
+def plain(kind: str = "regression", n_samples: int = 1024, features: int = 32, classes: int = 10,
+          gathered: bool = False) -> dict[str, Dataset]:
+    """A built-in dataset's training data as a user's own ``TensorDataset`` (or, ``gathered``, as the built-in's)."""
+    if kind == "regression":
+        train = datasets.get("regression")(n_samples=n_samples, in_features=features, val_fraction=0.0)["train"]
+    else:
+        train = datasets.get("classification")(n_samples=n_samples, n_features=features, n_classes=classes,
+                                               val_fraction=0.0)["train"]
+    return {"train": train if gathered else TensorDataset(*train.tensors)}
+
+
+def config(model: str, steps: int, logdir: str, extra: list[str], *, epoch: int | None = None, gathered=False):
+    """``epoch``: batches per epoch (a checkpoint at each end); None: one epoch for the whole run."""
+    widths, kind, loss = MODELS[model]
+    n = 64 * (epoch or steps + 1)
     return load_config({
         "name": "bench",
         "model": {"name": "mlp", "in_features": widths[0], "hidden": widths[1:-1], "out_features": widths[-1]},
         "loss": {"name": loss},
         "optimizer": {"name": "sgd", "lr": 0.001},
-        "data": {**yaml.safe_load(data.replace("N", str(64 * steps + 64))), "batch_size": 64},
+        "data": {"name": "bench_plain", "kind": kind, "n_samples": n, "features": widths[0], "classes": widths[-1],
+                 "gathered": gathered, "batch_size": 64},
         "train": {"max_steps": steps, "max_epochs": None},
         "log": {"every": 50, "progress": True, "dir": logdir},
     }, extra)
@@ -68,39 +87,40 @@ class Baton:
         self.turn = [threading.Semaphore(1), threading.Semaphore(0)]
         self.done = [False, False]
         self.busy = [0.0, 0.0]
-        self.began = [0.0, 0.0]
+        self.cpu = [0.0, 0.0]
+        self.began = [(0.0, 0.0), (0.0, 0.0)]
 
     def start(self, side: int) -> None:
         self.turn[side].acquire()
-        self.began[side] = time.perf_counter()
+        self.began[side] = time.perf_counter(), time.process_time()
 
     def step_done(self, side: int, step: int) -> None:
         """End of ``step`` (every step but the last): at the end of a turn, pass the baton and wait for it."""
         if step % TURN:
             return
         if step > WARM:
-            self.busy[side] += time.perf_counter() - self.began[side]
+            self.busy[side] += time.perf_counter() - self.began[side][0]
+            self.cpu[side] += time.process_time() - self.began[side][1]
         if not self.done[1 - side]:
             self.turn[1 - side].release()
             self.turn[side].acquire()
-        self.began[side] = time.perf_counter()
+        self.began[side] = time.perf_counter(), time.process_time()
 
     def finish(self, side: int) -> None:
         self.done[side] = True
         self.turn[1 - side].release()
 
 
-def bare_loop(cfg, baton: Baton, side: int, gather: bool = False) -> None:
-    """The loop a user would write by hand; with ``gather``, on batches gathered whole as the trainer's are."""
+def bare_loop(cfg, baton: Baton, side: int) -> None:
+    """The loop a user would write by hand, over a plain DataLoader of the same dataset."""
     torch.manual_seed(cfg.seed)
     dims = [cfg.model.kwargs["in_features"], *cfg.model.kwargs["hidden"]]
     mods = [m for a, b in zip(dims, dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     model = nn.Sequential(*mods, nn.Linear(dims[-1], cfg.model.kwargs["out_features"]))
     train = datasets.get(cfg.data.name)(**cfg.data.kwargs)["train"]
-    if gather:  # whole batches from Tensors.__getitems__, as the trainer's are
-        loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=data.collate)
-    else:  # what a user writes: a TensorDataset, per-sample __getitem__ and default_collate
-        loader = DataLoader(TensorDataset(*train.tensors), batch_size=cfg.data.batch_size, shuffle=True)
+    # the gathered dataset's batches come whole and pass the collate as they are, as in the trainer
+    collate = data.collate if cfg.data.kwargs.get("gathered") else None
+    loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, collate_fn=collate)
     loss_fn = nn.MSELoss() if cfg.loss.name == "mse" else nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     device = torch.device("cpu")
@@ -110,19 +130,20 @@ def bare_loop(cfg, baton: Baton, side: int, gather: bool = False) -> None:
         bar = tqdm(total=steps, file=sys.stdout, mininterval=0.5)
         step = 0
         baton.start(side)
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update()
-            if step % 50 == 0:
-                writer.add_scalar("train/loss", loss.item(), step)
-            if step == steps:
-                break
-            baton.step_done(side, step)
+        while step < steps:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update()
+                if step % 50 == 0:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                if step == steps:
+                    break
+                baton.step_done(side, step)
         bar.close()
         writer.close()
 
@@ -133,6 +154,8 @@ class TimedTrainer(Trainer):
     def on_step(self) -> None:
         super().on_step()
         if self.step < self.cfg.train.max_steps:
+            if self.step % TURN == 0:
+                self.checkpoints.wait()  # a write still in flight is the trainer's cost, not the other side's
             self.baton.step_done(self.side, self.step)
 
 
@@ -143,12 +166,12 @@ def trainer_loop(cfg, baton: Baton, side: int) -> None:
     trainer.fit()  # the final checkpoint and hparams land in the last turn: one-off, like setup
 
 
-def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float]:
-    """(first s/step, second s/step, second/first), medians over repeats of the two loops run in turns.
+def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float, float]:
+    """(first s/step, second s/step, second/first, the same in CPU time), medians over repeats of turns.
 
     Progress bars go to a null stream.
     """
-    a, b, ratios = [], [], []
+    a, b, ratios, cpu_ratios = [], [], [], []
     for i in range(repeats + 1):
         baton, errors = Baton(), []
 
@@ -171,8 +194,8 @@ def measure(first, second, repeats: int, steps: int) -> tuple[float, float, floa
         if i == 0:
             continue  # warm-up
         x, y = (busy / ((steps - 1) // TURN * TURN - WARM) for busy in baton.busy)
-        a.append(x), b.append(y), ratios.append(y / x)
-    return statistics.median(a), statistics.median(b), statistics.median(ratios)
+        a.append(x), b.append(y), ratios.append(y / x), cpu_ratios.append(baton.cpu[1] / baton.cpu[0])
+    return statistics.median(a), statistics.median(b), statistics.median(ratios), statistics.median(cpu_ratios)
 
 
 def main() -> None:
@@ -186,22 +209,25 @@ def main() -> None:
               f"at least 1 (got {args.steps}, {args.repeats})", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
-    print(f"{'comparison':50} {'ms/step':>8} {'ms/step':>8} {'ratio':>7}")
+    print(f"{'comparison':52} {'ms/step':>8} {'ms/step':>8} {'ratio':>7} {'CPU ratio':>9}")
 
     def row(label: str, first, second, cfg1, cfg2) -> None:
-        a, b, r = measure(lambda baton, side: first(cfg1, baton, side), lambda baton, side: second(cfg2, baton, side),
-                          args.repeats, args.steps)
-        print(f"{label:50} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x", flush=True)
+        a, b, r, c = measure(lambda baton, side: first(cfg1, baton, side),
+                             lambda baton, side: second(cfg2, baton, side), args.repeats, args.steps)
+        print(f"{label:52} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x {c:8.3f}x", flush=True)
 
     with tempfile.TemporaryDirectory() as logdir:
         for name in MODELS if args.model == "both" else [args.model]:
-            cfg = config(name, args.steps, logdir, [])
-            row(f"{name} MLP: bare loop -> trainer", bare_loop, trainer_loop, cfg, cfg)
-            row(f"{name} MLP: bare loop, gathered batches -> trainer", partial(bare_loop, gather=True), trainer_loop,
-                cfg, cfg)
-        twins = config("tiny", args.steps, logdir, ["layers.default=custom"])
-        shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"])
+            short = config(name, args.steps, logdir, [], epoch=SHORT)
+            row(f"{name} MLP, {SHORT}-batch epochs: bare loop -> trainer", bare_loop, trainer_loop, short, short)
+            long = config(name, args.steps, logdir, [])
+            row(f"{name} MLP, long epochs: bare loop -> trainer", bare_loop, trainer_loop, long, long)
+            gathered = config(name, args.steps, logdir, [], gathered=True)
+            row(f"{name} MLP, long epochs, gathered: bare -> trainer", bare_loop, trainer_loop, gathered, gathered)
+        twins = config("tiny", args.steps, logdir, ["layers.default=custom"], gathered=True)
+        shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"], gathered=True)
         row("tiny MLP, twins: trainer -> + shadow every 50", trainer_loop, trainer_loop, twins, shadow)
+
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ LAYERS = [
     ("builder", ["trainer.build", "trainer.data", "trainer.distributed", "trainer.checkpoint", "trainer.logs",
                  "trainer.console", "trainer.monitor"]),
     ("trainer", ["trainer.loop", "trainer.callbacks"]),
-    ("checking tools", ["trainer.check", "trainer.audit"]),
+    ("checking tools", ["trainer.check"]),
     ("command line and package", ["trainer.cli", "trainer.__main__", "trainer"]),
 ]
 

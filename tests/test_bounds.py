@@ -204,13 +204,13 @@ PARTS = textwrap.dedent("""
     import torch
     from trainer import datasets, losses
 
-    @losses.register("plain_mse")
-    def plain_mse(pred, target):
+    @losses.register("mse_function")
+    def mse_function(pred, target):
         return ((pred - target) ** 2).mean()
 
     @losses.register("returns_fn")
     def returns_fn():
-        return plain_mse
+        return mse_function
 
     @losses.register("per_sample")
     def per_sample():
@@ -237,7 +237,7 @@ def parts(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("override,path,text", [
-    ("loss=plain_mse", "loss.name", "registered as the loss function itself"),
+    ("loss=mse_function", "loss.name", "registered as the loss function itself"),
     ("loss=per_sample", "loss", "returned shape (2, 1), but a training step backpropagates one number"),
     ("data=triples", "data.name", "a training sample is a 3-tuple"),
 ])

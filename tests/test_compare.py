@@ -152,15 +152,18 @@ def test_shadow_mode_logs_each_swapped_layer(tmp_path):
     result = Trainer(cfg).fit()
     acc = scalars(result.run_dir)
     tags = set(acc.Tags()["scalars"])
-    for path, params in {"0": ["weight", "bias"], "1": [], "2": ["weight", "bias"], "loss": []}.items():
+    for path, params in {"0.linear": ["weight", "bias"], "1.cube": [], "2.linear": ["weight", "bias"],
+                         "loss.mse": []}.items():  # named by module path and layer
         for tensor in ["output", "input_grad", *params]:
-            assert f"compare/{path}/{tensor}/max_abs_diff" in tags, (path, tensor)
-            assert [e.step for e in acc.Scalars(f"compare/{path}/{tensor}/ok")] == [4, 8, 12]
-            assert all(e.value == 1.0 for e in acc.Scalars(f"compare/{path}/{tensor}/ok"))
-        assert f"compare/{path}/saved_bytes/custom" in tags
+            assert f"vs_native/{path}/{tensor}/max_abs_diff" in tags, (path, tensor)
+            assert [e.step for e in acc.Scalars(f"vs_native/{path}/{tensor}/ok")] == [4, 8, 12]
+            assert all(e.value == 1.0 for e in acc.Scalars(f"vs_native/{path}/{tensor}/ok"))
+        assert f"vs_native/{path}/saved_bytes/custom" in tags
+    groups = sorted({t.split("/")[0] for t in tags})
+    assert groups[-1] == "vs_native" and {"train", "val"} <= set(groups)  # listed after train/ and val/
     bad = load_config(planted_config(tmp_path, "cube_bad"), ["compare.every=4"])
     acc = scalars(Trainer(bad).fit().run_dir)
-    ratio = [e.value for e in acc.Scalars("compare/1/input_grad/norm_ratio")]
+    ratio = [e.value for e in acc.Scalars("vs_native/1.cube_bad/input_grad/norm_ratio")]
     assert ratio == pytest.approx([2.0] * 3)
 
 
@@ -179,9 +182,11 @@ def test_lockstep_logs_divergence(tmp_path, capsys, layer, code):
     run_dir = tmp_path / "runs" / "planted-lockstep" / "version_0"
     assert str(run_dir) in capsys.readouterr().out
     acc = scalars(run_dir)
-    assert {"lockstep/loss/native", "lockstep/loss/custom", "lockstep/param_max_abs_diff",
-            "lockstep/param_score"} <= set(acc.Tags()["scalars"])
-    score = [e.value for e in acc.Scalars("lockstep/param_score")]
+    assert {"lockstep/grad_score", "lockstep/buffer_score", "lockstep/param_rel_l2",
+            "lockstep/loss_abs_diff"} <= set(acc.Tags()["scalars"])
+    score = [e.value for e in acc.Scalars("lockstep/grad_score")]
     assert len(score) == 15 and (max(score) <= 1.0) == (code == 0)
+    for side in ("native", "custom"):  # the same tag in two runs: TensorBoard overlays them in two colours
+        assert scalars(run_dir / side).Tags()["scalars"] == ["lockstep/loss"]
     layout = acc.summary_metadata  # the custom-scalars layout overlays native and custom loss
     assert any(m.plugin_data.plugin_name == "custom_scalars" for m in layout.values())

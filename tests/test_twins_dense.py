@@ -87,7 +87,7 @@ GEOMETRIES = [  # (kernel, stride, padding, dilation, groups, input H x W): stri
 @pytest.mark.parametrize("needs", ["x", "weight", "both"])
 @pytest.mark.parametrize("k,s,p,d,groups,hw", GEOMETRIES)
 def test_conv2d_each_backward_path_matches_native(k, s, p, d, groups, hw, needs):
-    """Frozen weight: dx from conv_transpose2d; no dx: dW alone; both: one convolution_backward."""
+    """Whichever of x and W needs a grad: a grad not asked for is neither computed nor saved for."""
     torch.manual_seed(0)
     native, conv = twins(nn.Conv2d(2, 4, k, stride=s, padding=p, dilation=d, groups=groups))
     for m in (native, conv):

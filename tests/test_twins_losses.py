@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from trainer import layers
-from trainer.twins.losses import CrossEntropyFunction
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -72,40 +71,32 @@ def test_cross_entropy_realistic_size_and_offset_logits():
     assert_twins_agree(nn.CrossEntropyLoss(), x, t)
 
 
-def test_cross_entropy_second_output_has_the_right_grad():
-    """Its second output, p (log p for probabilities), is differentiable (double backward relies on it)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 5, dtype=torch.float64, generator=gen, requires_grad=True)
-    r = torch.randn(4, 5, dtype=torch.float64, generator=gen)
-    probs = torch.randn(4, 5, dtype=torch.float64, generator=gen).softmax(1)
-    for t, w in ((torch.tensor([0, 4, -100, 2]), WEIGHT.double()), (probs, None)):
-        def both(x):
-            loss, mid = CrossEntropyFunction.apply(x, t, w, -100, "mean", 0.1)
-            return loss + (mid * r).sum()
-
-        torch.autograd.gradcheck(both, (x,))
-        torch.autograd.gradgradcheck(both, (x,))
-    _, p = CrossEntropyFunction.apply(x, torch.tensor([0, 4, -100, 2]), None, -100, "none", 0.0)
-    torch.testing.assert_close(p, torch.softmax(x, 1))
-    _, logp = CrossEntropyFunction.apply(x, probs, None, -100, "none", 0.0)
-    torch.testing.assert_close(logp, torch.log_softmax(x, 1))
-
-
-def test_cross_entropy_keeps_probs_not_logits():
-    """Inside a model it saves p (native: log p, as many bytes), so the logits themselves can be freed."""
+def test_cross_entropy_saves_one_logits_sized_tensor_like_native():
+    """It keeps the logits (recomputing log p in backward), native keeps log p: as many bytes."""
     x = torch.randn(8, 10, requires_grad=True)
     t = torch.randint(10, (8,))
     saved = {}
     for impl in layers.IMPLS:
-        module = layers.swap(nn.CrossEntropyLoss(), {"cross_entropy": impl})
-        logits = x * 2.0
+        module = layers.swap(nn.CrossEntropyLoss(label_smoothing=0.1), {"cross_entropy": impl})
         seen = []
         with torch.autograd.graph.saved_tensors_hooks(lambda s: seen.append(s) or s, lambda s: s):
-            module(logits, t)
-        big = [s for s in seen if s.numel() == logits.numel()]
-        assert all(s.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr() for s in big)
-        saved[impl] = sum(s.numel() * s.element_size() for s in {s.untyped_storage().data_ptr(): s for s in big}.values())
-    assert saved["custom"] <= saved["native"]
+            module(x * 2.0, t)
+        big = {s.untyped_storage().data_ptr(): s for s in seen if s.is_floating_point() and s.numel() == x.numel()}
+        saved[impl] = [(s.dtype, s.shape) for s in big.values()]
+    assert saved["custom"] == saved["native"] == [(torch.float32, x.shape)]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_cross_entropy_probability_target_grads_match_native(smoothing):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 3, dtype=torch.float64, generator=gen)
+    t = torch.randn(4, 5, 3, dtype=torch.float64, generator=gen).softmax(1)
+    grads = {}
+    module = nn.CrossEntropyLoss(weight=WEIGHT.double(), label_smoothing=smoothing)
+    for impl, module in zip(layers.IMPLS, twins(module)):
+        xi, ti = x.clone().requires_grad_(), t.clone().requires_grad_()
+        grads[impl] = torch.autograd.grad(module(xi, ti), (xi, ti))
+    torch.testing.assert_close(grads["custom"], grads["native"])
 
 
 @pytest.mark.parametrize("x,t,error", [

@@ -8,10 +8,8 @@ import torch
 from torch import nn
 
 from trainer import layers
-from trainer.audit import as_function, gradcheck_case, prepare
-from trainer.twins import norm
 from trainer.twins.dropout import DropoutFunction
-from trainer.twins.norm import BatchNormFunction
+from trainer.twins.norm import BatchNormFunction, LayerNormFunction
 
 
 def twins(native: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -74,7 +72,7 @@ def test_batch_norm_one_value_per_channel_raises_like_native_in_training(cls, sh
 
 
 def test_batch_norm_function_batched_grads_and_vmap():
-    """The registry declares vmap=False for the module (running stats); the Function itself does vmap."""
+    """The Function batches its grads (gradcheck with check_batched_grad) and vmaps, in training and eval."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
@@ -91,24 +89,33 @@ def test_batch_norm_function_batched_grads_and_vmap():
     torch.testing.assert_close(torch.func.vmap(train, (0, None, None))(xs, w, b), native)
 
 
-@pytest.mark.parametrize("case", layers.get("layer_norm").cases(), ids=lambda c: c.id)
-def test_layer_norm_large_input_path_matches_native(monkeypatch, case):
-    """Above KEEP_X_HAT_NUMEL an affine LayerNorm keeps x and the row sums instead of x_hat: same results."""
-    monkeypatch.setattr(norm, "KEEP_X_HAT_NUMEL", 0)
-    spec = layers.get("layer_norm")
-    for dtype, tol in ((torch.float64, dict(rtol=1e-7, atol=1e-7)), (torch.float32, dict(rtol=1e-5, atol=1e-5))):
-        results = []
-        for impl in layers.IMPLS:
-            module, inputs = prepare(spec, case, dtype, impl)
-            fn, args = as_function(module, inputs)
-            out = fn(*args)
-            g = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
-            results.append((out, *torch.autograd.grad(out, args, g)))
-        for tn, tc in zip(*results):
-            torch.testing.assert_close(tc, tn, **tol)
-    if case.gradcheck:
-        failed = [r for r in gradcheck_case(spec, case) if not r.ok]
-        assert not failed, "\n".join(f"{r.check}: {r.message}" for r in failed)
+def test_norm_statistics_outputs_are_native_and_differentiable():
+    """The statistics each Function returns beside y are native's, and their grads are right (double backward
+    of y reaches x through them)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(5, dtype=torch.float64, generator=gen).add(0.5).requires_grad_()
+    b = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    _, mean, rstd = LayerNormFunction.apply(x, w, b, 1, 1e-5)
+    _, mean_n, rstd_n = torch.native_layer_norm(x, (5,), w, b, 1e-5)
+    torch.testing.assert_close((mean, rstd), (mean_n, rstd_n))
+    _, mean, var = BatchNormFunction.apply(x, w[:3], b[:3], None, None, 1e-5)
+    torch.testing.assert_close(mean.flatten(), x.mean((0, 2)))
+    torch.testing.assert_close(var.flatten(), x.var((0, 2), correction=0))
+
+    r = [torch.randn(s, dtype=torch.float64, generator=gen) for s in ((4, 3, 5), (4, 3, 1), (1, 3, 1))]
+
+    def layer_norm(x, w, b):
+        y, mean, rstd = LayerNormFunction.apply(x, w, b, 1, 1e-5)
+        return (y * r[0]).sum() + (mean * r[1]).sum() + (rstd * r[1]).sum()
+
+    def batch_norm(x, w, b):
+        y, mean, var = BatchNormFunction.apply(x, w[:3], b[:3], None, None, 1e-5)
+        return (y * r[0]).sum() + (mean * r[2]).sum() + (var * r[2]).sum()
+
+    for fn in (layer_norm, batch_norm):
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 def test_layer_norm_and_batch_norm_bf16_input_fp32_params_match_native_dtypes():

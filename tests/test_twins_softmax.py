@@ -65,7 +65,8 @@ def test_saves_only_the_output(name):
 @pytest.mark.parametrize("name", KINDS)
 def test_per_sample_grads_with_vmap_match_a_loop_of_native(name):
     gen = torch.Generator().manual_seed(0)
-    x, r = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64), torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    r = torch.randn(3, 4, generator=gen, dtype=torch.float64)
     native, custom = (layers.swap(KINDS[name](dim=-2), {name: impl}) for impl in layers.IMPLS)
     grad_c = torch.func.grad(lambda xi: (custom(xi) * r).sum())
     grad_n = torch.func.grad(lambda xi: (native(xi) * r).sum())

@@ -240,7 +240,11 @@ def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device, m
             out = model(x.to(device))
             loss = loss_fn(out, y.to(device))
     except Exception as e:
-        raise ConfigError("model", f"the model and loss do not fit the data: {str(e).strip().splitlines()[0]}",
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _fits_natively(model, loss_fn, x.to(device), y.to(device)):  # the twins are at fault, not the data
+            raise ConfigError("layers", f"a custom twin fails where its native layer runs: {first}",
+                              suggestion="run `trainer compare` on this config to name the twin") from None
+        raise ConfigError("model", f"the model and loss do not fit the data: {first}",
                           suggestion="check the model's in/out sizes against the dataset and the loss") from None
     finally:
         model.train()
@@ -254,3 +258,22 @@ def check_fit(model: nn.Module, loss_fn, train: Dataset, device: torch.device, m
         raise ConfigError("train.monitor", "val/accuracy is measured only for class scores against class-index "
                           f"targets; this model gives {tuple(out.shape[1:])} per sample for {y.dtype} targets",
                           suggestion="monitor val/loss")
+
+
+def _fits_natively(model: nn.Module, loss_fn, x, y) -> bool:
+    """Whether model and loss run on (x, y) with every swapped twin switched back to native (then restored)."""
+    mods = [m for root in (model, loss_fn) if isinstance(root, nn.Module) for m in root.modules()]
+    was = {m: type(m) for m in mods if (info := layers.impl_of(m)) and info[1] == "custom"}
+    if not was:
+        return False
+    try:
+        for m in was:
+            m.__class__ = layers.pair_of(m)[1]
+        with torch.no_grad():
+            loss_fn(model(x), y)
+        return True
+    except Exception:  # noqa: BLE001  (native fails too: the data is at fault)
+        return False
+    finally:
+        for m, cls in was.items():
+            m.__class__ = cls

@@ -1,6 +1,9 @@
-"""Run directories and checkpoints: race-free version folders, atomic verified writes, weights_only loads, RNG state."""
+"""Run directories and checkpoints: race-free version folders, a lock, atomic verified writes off the training
+thread, weights_only loads, RNG state."""
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import io
 import json
@@ -9,6 +12,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,67 @@ def create_run_dir(log_dir: str | os.PathLike, name: str) -> Path:
             continue
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the run stops, older checkpoints stay usable."""
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold ``<run_dir>/.lock`` (``flock``) for as long as the returned file stays open.
+
+    The kernel drops the lock when the process ends, however it ends, so kill -9 leaves no stale lock.
+
+    Raises:
+        ConfigError: another process holds it (the message names its pid).
+    """
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise ConfigError("--resume", f"{run_dir} is in use by process {holder or '(unknown pid)'}, which is "
+                          "training in it", suggestion="wait for that process to end, or stop it") from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def host_copy(obj: Any, memo: dict | None = None) -> Any:
+    """``obj`` with every tensor copied to host memory: nothing in the copy changes when training goes on.
+
+    Tensors that shared a storage (tied weights, views) share one copied storage, an object met
+    twice is copied once, and containers keep their types and attributes (a state_dict's
+    ``_metadata``), so ``torch.save`` writes the same bytes for the copy as for the original.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return obj
+    memo = {} if memo is None else memo
+    if id(obj) in memo:  # pickle writes an object met twice once: so must the copy be one object
+        return memo[id(obj)]
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.layout != torch.strided or t.is_quantized:
+            out = t.to("cpu", copy=True)
+        else:
+            storage = t.untyped_storage()
+            key = ("storage", storage._cdata)  # the identity torch.save itself uses to write a storage once
+            if key not in memo:
+                memo[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+            out = torch.empty(0, dtype=t.dtype).set_(memo[key], t.storage_offset(), t.size(), t.stride())
+    elif isinstance(obj, dict):
+        out = copy.copy(obj)  # same type, same instance attributes
+        for k, v in obj.items():
+            out[k] = host_copy(v, memo)
+    elif type(obj) in (list, tuple):
+        out = type(obj)(host_copy(v, memo) for v in obj)
+    else:
+        out = copy.deepcopy(obj)
+    memo[id(obj)] = out
+    return out
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file, fsync, then ``os.replace``: readers see the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -46,6 +111,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_link(source: Path, path: Path) -> None:
@@ -64,14 +137,36 @@ class Checkpoints:
 
     Each save writes a new ``step_<N>.pt`` atomically and records its sha256 in
     ``manifest.json`` (also atomic); ``last.pt`` (and ``best.pt`` when the monitored metric
-    improved) then become hard links to it. The newest ``keep`` step files are kept.
-    ``load`` verifies checksums and ``weights_only`` loading, newest first, and returns the
-    newest good checkpoint with what was wrong with any newer one.
+    improved) then become hard links to it, and only then are step files beyond the newest
+    ``keep`` removed. ``load`` verifies checksums and ``weights_only`` loading, newest first,
+    and returns the newest good checkpoint with what was wrong with any newer one.
+
+    With ``background`` (the default), ``save`` costs the caller only a copy of the state in
+    host memory; one writer thread serializes, hashes, writes and prunes. At most one write is
+    in flight: a new ``save`` first waits for the previous one. A failed write is raised as
+    ``CheckpointError`` by the next ``check``, ``save`` or ``wait``.
+
+    Args:
+        run_dir: the run directory; checkpoints go to its ``checkpoints/`` folder.
+        keep: how many ``step_<N>.pt`` files to keep.
+        background: write in a thread (False: in ``save`` itself).
+        lock: hold the run directory's lock (``lock_run_dir``) until ``close``, and remove the
+            temporary files a killed process left behind.
     """
 
-    def __init__(self, run_dir: Path, keep: int = 3):
+    def __init__(self, run_dir: Path, keep: int = 3, *, background: bool = True, lock: bool = False):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: CheckpointError | None = None
+        self._lock = None
+        if lock:
+            if not self.dir.parent.is_dir():
+                raise ConfigError("--resume", f"no run directory {str(self.dir.parent)!r}",
+                                  suggestion="pass runs/<name>/version_<N>")
+            self._lock = lock_run_dir(self.dir.parent)
+            self.remove_temporary_files()  # no other process writes here while the lock is held
 
     @property
     def manifest_path(self) -> Path:
@@ -84,28 +179,81 @@ class Checkpoints:
         except (OSError, ValueError):
             return {"files": {}}
 
-    def save(self, state: dict[str, Any], step: int, best: bool = False) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
-        digest = hashlib.sha256(data).hexdigest()
+    def save(self, state: dict[str, Any], step: int, best: bool = False) -> None:
+        """Checkpoint ``state`` as step ``step`` (and as ``best.pt``): in the background, or now.
+
+        Raises:
+            CheckpointError: this write failed (synchronous), or the previous one did.
+        """
+        self.wait()
+        if not self.background:
+            self._write(state, step, best)
+            self.check()
+            return
+        snapshot = host_copy(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, step, best), name="checkpoint-writer")
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise a failed write's error, once (cheap: the loop calls it every step)."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def wait(self) -> None:
+        """Wait for the write in flight, then ``check``."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def close(self) -> None:
+        """Wait for the write in flight and release the lock; raises nothing (``wait`` reports errors)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _write(self, state: dict[str, Any], step: int, best: bool) -> None:
         path = self.dir / f"step_{step:08d}.pt"
-        atomic_write(path, data)
         manifest = self.manifest()
-        manifest["files"][path.name] = {"step": step, "sha256": digest}
-        manifest["last"] = {"file": path.name, "step": step, "sha256": digest}
-        if best:
-            manifest["best"] = {"file": path.name, "step": step, "sha256": digest}
-        steps = sorted(self.step_files(), key=_step_of, reverse=True)
-        for old in steps[self.keep:]:
-            old.unlink(missing_ok=True)
-            manifest["files"].pop(old.name, None)
-        atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
-        atomic_link(path, self.dir / LAST)
-        if best:
-            atomic_link(path, self.dir / BEST)
-        return path
+        previous = manifest.get("last")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            data = buf.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            atomic_write(path, data)
+            entry = {"file": path.name, "step": step, "sha256": digest}
+            manifest["files"][path.name] = {"step": step, "sha256": digest}
+            manifest["last"] = entry
+            if best:
+                manifest["best"] = entry
+            old = sorted(self.step_files(), key=_step_of, reverse=True)[self.keep:]
+            for p in old:
+                manifest["files"].pop(p.name, None)
+            atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
+            atomic_link(path, self.dir / LAST)
+            if best:
+                atomic_link(path, self.dir / BEST)
+            for p in old:  # only now: until the new manifest and links are in place, the old files are the fallback
+                p.unlink(missing_ok=True)
+            fsync_dir(self.dir)  # the renames themselves survive a power cut
+        except Exception as e:  # disk full, read-only, a file where the folder should be, ...
+            kept = f"the checkpoint of step {previous['step']} is kept" if isinstance(previous, dict) \
+                else "no earlier checkpoint exists"
+            self._error = CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {e}); "
+                                          f"stopped, {kept}")
+
+    def remove_temporary_files(self) -> None:
+        """Delete what a killed writer left: ``.<name>.tmp<pid>`` files, never read by ``load``."""
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if re.fullmatch(r"\..+\.tmp\d+", p.name):
+                    p.unlink(missing_ok=True)
 
     def step_files(self) -> list[Path]:
         return [p for p in self.dir.glob("step_*.pt") if _step_of(p) >= 0]
@@ -172,7 +320,8 @@ def rng_state() -> dict[str, Any]:
     version, keys, gauss = random.getstate()
     np_state = np.random.get_state()
     state = {
-        "python": [version, list(keys), gauss],
+        # the 625 words as one tensor: as a list, pickling them one by one was most of a small checkpoint's cost
+        "python": [version, torch.tensor(keys, dtype=torch.int64), gauss],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_py, np_state[2:])],
         "torch": torch.get_rng_state(),
     }
@@ -183,7 +332,7 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
+    random.setstate((version, tuple(keys.tolist() if isinstance(keys, torch.Tensor) else keys), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])

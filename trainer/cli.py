@@ -132,22 +132,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
     if args.steps is not None:
-        from trainer.check.lockstep import lockstep
+        from trainer.check.lockstep import run_lockstep
 
         if args.steps < 1:
             raise ConfigError("--steps", f"must be at least 1, got {args.steps}")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--steps", "the lockstep run is single-process", suggestion="run it without torchrun")
-        ok, run_dir = lockstep(cfg, args.steps)
-        print(f"{run_dir}  {'ok' if ok else 'MISMATCH'}: parameters {'stayed' if ok else 'did not stay'} "
-              f"within tolerance for {args.steps} steps")
-        return 0 if ok else 1
+        result = run_lockstep(cfg, args.steps)
+        print("\n".join(result.lines()))
+        return 0 if result.ok else 1
     from trainer import distributed
 
     report, env = compare_config(cfg)
     ok = not distributed.any_rank(not report.ok, env)  # under torchrun: every rank's shard must agree
     if env.main:
-        print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
+        if report.error:  # a twin raised: one line, and the JSON marks that layer failed
+            print(f"error: {report.error}", file=sys.stderr)
+        else:
+            print(format_report(report) + ("" if ok == report.ok else "\nMISMATCH on another rank's batches"))
         if args.json:
             Path(args.json).write_text(json.dumps(report.to_dict() | {"ok": ok}, indent=2))
     return 0 if ok else 1
@@ -171,27 +173,31 @@ def import_user_modules(args: argparse.Namespace) -> None:
     import_modules(args.imports)
 
 
-def cmd_layers(args: argparse.Namespace) -> int:
-    import torch
+LAYERS_LEGEND = """\
+B/elem: bytes autograd saves per input element in Linear -> layer -> Linear, custom / native.
+2nd bwd, vmap, compile: a built-in's as declared (the test suite checks them); a user twin's
+measured now on its first case, given or derived: yes; no (raises); wrong (runs, but disagrees
+with gradgradcheck, native's jacrev or eager); unchecked (no case: add cases= to layers.register)."""
 
+
+def cmd_layers(args: argparse.Namespace) -> int:
     from trainer import layers
-    from trainer.audit import saved_bytes_in_model
+    from trainer.check.probe import facts, saved_per_element
 
     import_user_modules(args)
     rows = []
     for spec in layers.specs():
-        case = spec.cases()[0] if spec.cases() else None
-        per_elem = "-"
-        if case is not None:
-            numel = case.inputs(torch.Generator().manual_seed(0))[0].numel()
-            c, n = (saved_bytes_in_model(spec, case, impl) / numel for impl in ("custom", "native"))
-            per_elem = f"{c:.3g} / {n:.3g}"
-        natives = ", ".join(n.__name__ for n, _ in spec.pairs)
-        customs = ", ".join(c.__name__ for _, c in spec.pairs)
-        flags = ["yes" if flag else "no" for flag in (spec.double_backward, spec.vmap, spec.compile)]
-        rows.append([spec.name, natives, customs, spec.saves or "-", per_elem, *flags])
-    print(table(rows, ["layer", "native", "custom", "custom saves", "B/elem custom / native",
-                       "double bwd", "vmap", "compile"]))
+        per_elem = saved_per_element(spec)
+        natives = ",".join(n.__name__ for n, _ in spec.pairs)
+        customs = ",".join(c.__name__ for _, c in spec.pairs)
+        found = facts(spec)
+        flags = [found[flag] for flag in ("double_backward", "vmap", "compile")]
+        origin = "built-in" if spec.builtin else spec.origin
+        wide = [customs, spec.saves or "-"] if args.wide else []
+        rows.append([spec.name, natives, per_elem, *flags, origin, *wide])
+    headers = ["layer", "native", "B/elem", "2nd bwd", "vmap", "compile", "registered"]
+    print(table(rows, headers + (["custom", "custom saves"] if args.wide else [])))
+    print("\n" + LAYERS_LEGEND)
     return 0
 
 
@@ -199,7 +205,7 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     import torch
 
     from trainer import layers
-    from trainer.audit import gradcheck_layers
+    from trainer.check.probe import gradcheck_layers
 
     import_user_modules(args)
     for name in args.layers:
@@ -208,6 +214,8 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
         raise ConfigError("--device", "cuda asked for, but this machine has no CUDA device",
                           suggestion="leave --device out to check on the CPU")
     results = gradcheck_layers(args.layers or None, args.device)
+    if not results:  # never "0 passed, 0 failed" and exit 0
+        raise ConfigError("LAYER", "nothing to check", suggestion="name a registered layer; see trainer layers")
     rows = [[r.layer, r.case, r.check, "ok" if r.ok else "FAIL", f"{r.seconds * 1000:.0f} ms", r.message]
             for r in results]
     print(table(rows, ["layer", "case", "check", "result", "time", "detail"]))
@@ -245,6 +253,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     cfg.set_defaults(fn=cmd_config)
     lay = sub.add_parser("layers", help="the layer registry as a table")
     lay.add_argument("--imports", nargs="+", default=[], metavar="MODULE", help="modules that register layers")
+    lay.add_argument("--wide", action="store_true", help="also the twin classes and what they save (over 100 columns)")
     lay.set_defaults(fn=cmd_layers)
     gc = sub.add_parser("gradcheck", help="gradcheck/gradgradcheck (float64) of the custom twins")
     gc.add_argument("layers", nargs="*", metavar="LAYER", help="layer names (default: all)")
@@ -304,6 +313,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         args = top.parse_args(argv)
     if args.fn is cmd_run and args.config is None and not args.resume:  # before torch loads, like argparse's own
         commands["run"].error("the following arguments are required: config (or --resume RUN_DIR)")
+    from trainer.check.shadow import ShadowMismatch
+    from trainer.checkpoint import CheckpointError
     from trainer.loop import Interrupted, InterruptedTwice, NonFiniteLoss
 
     try:
@@ -311,7 +322,7 @@ def run_command(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, CheckpointError, ShadowMismatch) as e:
         ignore_signals()
         print(f"error: {e}{how_to_go_on(e)}", file=sys.stderr)
         return 1

@@ -67,6 +67,7 @@ class TrainConfig:
     val_every: int | None = None        # validate every N steps (null: at the end of each epoch)
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch end and at the end)
     keep_checkpoints: int = 3           # newest step_<N>.pt files kept (last.pt and best.pt are links to them)
+    async_checkpoint: bool = True       # write checkpoints in a background thread (false: inside the step)
     monitor: str | None = None          # val/loss | val/accuracy | train/loss: kept as best.pt, used by patience
     monitor_mode: Literal["min", "max"] = "min"
     patience: int | None = None         # early stopping: stop after this many checks without improvement
@@ -94,6 +95,7 @@ class CompareConfig:
     atol: float | None = None           # null: likewise
     bisect: bool = True                 # on a mismatch, swap layers one at a time to name the culprit
     every: int | None = None            # shadow mode: compare each swapped layer every N training steps (null: off)
+    fail: bool = False                  # shadow mode: stop the run (exit 1) at the first check outside tolerance
 
 
 @dataclass
@@ -233,7 +235,10 @@ def import_modules(modules: Any, folder: Path | None = None) -> None:
             raise ConfigError(f"imports[{i}]", f"cannot import {name!r}: {e}",
                               suggestion="a module file next to the config or in the current directory, "
                                          "or an installed package") from None
-        except Exception as e:  # the module itself is broken (SyntaxError, a raise, a name registered twice)
+        except ConfigError as e:  # a registration the registry refused (layers.register's RegistrationError)
+            where = f"{name}: " if not e.path else f"{e.path}: "  # the user's file:line of the refused call
+            raise ConfigError(f"imports[{i}]", where + e.message, suggestion=e.suggestion) from None
+        except Exception as e:  # the module itself is broken (SyntaxError, a raise)
             where = f" ({Path(e.filename).name}, line {e.lineno})" if isinstance(e, SyntaxError) and e.filename else ""
             detail = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()
             raise ConfigError(f"imports[{i}]", f"importing {name!r} raised {type(e).__name__}{where}: "

@@ -7,7 +7,7 @@ set, ``Diagnosis`` when a single-process run has layers running their custom twi
 from __future__ import annotations
 
 from trainer import callbacks
-from trainer.check.compare import swapped_layers
+from trainer.check.capture import swapped_layers
 from trainer.check.diagnose import Diagnosis
 from trainer.check.shadow import Shadow
 
@@ -17,7 +17,7 @@ def config_callbacks(trainer) -> list[callbacks.Callback]:
     out: list[callbacks.Callback] = []
     cmp = trainer.cfg.compare
     if cmp.every:  # the builder made sure that some layer runs custom
-        out.append(Shadow(trainer.model, trainer.loss_fn, cmp.every, cmp.rtol, cmp.atol))
+        out.append(Shadow(trainer.model, trainer.loss_fn, cmp.every, cmp.rtol, cmp.atol, fail=cmp.fail))
     if not trainer.env.distributed and swapped_layers(trainer.model, trainer.loss_fn):  # twins: find a NaN's culprit
         out.append(Diagnosis())
     return out

@@ -20,7 +20,7 @@ class TensorDiff:
     """How far a custom tensor is from its native counterpart."""
 
     name: str
-    kind: str                 # loss | output | param_grad | layer_output | input_grad
+    kind: str                 # loss | output | param_grad | buffer | layer_output | input_grad
     ok: bool
     max_abs_diff: float
     max_rel_diff: float
@@ -32,6 +32,14 @@ class TensorDiff:
     dtype: str
     rtol: float
     atol: float
+    layer: str = ""           # the module it belongs to: registry name, or class (``Linear``)
+    where: str = ""           # for a mismatch: how many elements differ, the worst, the inputs there
+    cause: str = ""           # after bisect: ``culprit``, ``consequence of <path>`` or ``independent``
+
+
+def size(d: TensorDiff) -> str:
+    """The size of an error in numbers: ``relative L2 0.025, cosine 0.999680, score 146``."""
+    return f"relative L2 {d.rel_l2:.3g}, cosine {d.cosine:.6f}, score {d.score:.3g}"
 
 
 def diff(name: str, kind: str, custom: torch.Tensor, native: torch.Tensor,

@@ -17,15 +17,21 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
 
 
 def format_report(report: Report) -> str:
-    """The table, worst first, then the culprits and per-layer saved bytes."""
-    rows = [[d.kind, d.name, "ok" if d.ok else "MISMATCH" + (" (vacuous)" if d.vacuous else ""),
+    """The table, worst first, then where each mismatch is, the culprits and per-layer saved bytes."""
+    if report.error:
+        return "\n".join([f"culprit: {c}" for c in report.culprits] + ["MISMATCH: a twin raised"])
+    causes = any(d.cause for d in report.tensors)
+    rows = [[d.kind, d.name, d.layer or "-", "ok" if d.ok else "MISMATCH" + (" (vacuous)" if d.vacuous else ""),
              f"{d.max_abs_diff:.3g}", f"{d.max_rel_diff:.3g}", f"{d.rel_l2:.3g}", f"{d.cosine:.6f}",
-             f"{d.norm_ratio:.6g}", f"{d.score:.3g}"] for d in report.tensors]
-    out = [table(rows, ["kind", "name", "result", "max_abs", "max_rel", "rel_l2", "cosine", "norm_ratio",
-                        "score"])]
+             f"{d.norm_ratio:.6g}", f"{d.score:.3g}", *([d.cause or "-"] if causes else [])] for d in report.tensors]
+    out = [table(rows, ["kind", "name", "layer", "result", "max_abs", "max_rel", "rel_l2", "cosine", "norm_ratio",
+                        "score", *(["cause"] if causes else [])])]
     vacuous = [d.name for d in report.tensors if d.vacuous and d.kind != "loss"]
     if vacuous:
         out.append(f"note: norms below atol, so these pass vacuously: {', '.join(vacuous)}")
+    for d in report.tensors:
+        if d.where:
+            out.append(f"where: {d.kind} {d.name}: {d.where}")
     if report.memory:
         out.append("")
         out.append(table([[p, m["layer"], m["native"], m["custom"]] for p, m in report.memory.items()],

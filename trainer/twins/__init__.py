@@ -1,5 +1,4 @@
-"""The built-in twins: hand-written autograd.Functions and their modules, one file per family.
+"""The built-in twins: hand-written autograd.Functions and their modules, one file per family, and their check cases.
 
-Each family registers its layers in ``trainer.twins.registry`` when imported;
-``trainer.layers`` imports them all, so the registry it shows is complete.
+They import only torch and ``amp``; ``trainer.layers`` registers them.
 """

@@ -86,14 +86,17 @@ def gradcheck_case(spec: LayerSpec, case: Case, device: torch.device | str = "cp
     projections (``fast_mode``) above; gradgradcheck always uses fast mode, as PyTorch's own
     test wrapper does. ``check_batched_grad`` when the twin supports vmap; ``check_forward_ad``
     when its Function defines ``jvp``. A twin declared once-differentiable must instead raise
-    on double backward. Warnings the cases provoke on purpose (``dim=None``) are silenced.
+    on double backward; one that declares nothing (a user twin) gets gradgradcheck, and
+    batched grads are checked only where vmap is declared. Warnings the cases provoke on
+    purpose (``dim=None``) are silenced.
     """
     module, inputs = prepare(spec, case, torch.float64, "custom", device=device)
     fn, args = as_function(module, inputs)
     fast = sum(a.numel() for a in args) > 64
     # cuDNN's and atomics-based CUDA backward kernels sum in no fixed order (PyTorch's own tests allow this too)
     nondet_tol = 1e-12 if inputs[0].is_cuda else 0.0
-    forward_ad = "jvp" in vars(type(module).function)
+    forward_ad = "jvp" in vars(getattr(type(module), "function", object))
+    batched = bool(spec.vmap)
     results = []
 
     def run(check: str, call: Callable[[], object]) -> None:
@@ -108,12 +111,12 @@ def gradcheck_case(spec: LayerSpec, case: Case, device: torch.device | str = "cp
         results.append(CheckResult(spec.name, case.id, check, ok, time.perf_counter() - start, message))
 
     run("gradcheck", lambda: torch.autograd.gradcheck(
-        fn, args, fast_mode=fast, check_batched_grad=spec.vmap, check_grad_dtypes=True,
+        fn, args, fast_mode=fast, check_batched_grad=batched, check_grad_dtypes=True,
         check_forward_ad=forward_ad, nondet_tol=nondet_tol))
-    if spec.double_backward:
+    if spec.double_backward is not False:
         for non_contig in (False, True):
             run("gradgradcheck" + ("-noncontig" if non_contig else ""), lambda: torch.autograd.gradgradcheck(
-                fn, args, fast_mode=True, check_batched_grad=spec.vmap, check_grad_dtypes=True,
+                fn, args, fast_mode=True, check_batched_grad=batched, check_grad_dtypes=True,
                 gen_non_contig_grad_outputs=non_contig, nondet_tol=nondet_tol))
     else:
         run("once_differentiable", lambda: _double_backward_raises(fn, args))
@@ -129,13 +132,6 @@ def _double_backward_raises(fn: Callable[..., torch.Tensor], args: tuple[torch.T
     except RuntimeError:
         return
     raise AssertionError("declared once-differentiable, but double backward did not raise")
-
-
-def gradcheck_layers(names: list[str] | None = None, device: torch.device | str = "cpu") -> list[CheckResult]:
-    """gradcheck every case of the named layers (all of them by default), on ``device``."""
-    specs = [layers.get(n) for n in names] if names else layers.specs()
-    return [r for spec in specs for case in spec.cases() if case.gradcheck
-            for r in gradcheck_case(spec, case, device)]
 
 
 def backward_node_names(output: torch.Tensor) -> set[str]:
@@ -181,3 +177,30 @@ def saved_bytes(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
         out = module(first, *inputs[1:])
         (out * b).sum()
     return sum(storages.values())
+
+
+def native_per_element(spec: LayerSpec, case: Case, g: torch.Tensor, dtype: torch.dtype = torch.float64,
+                       device: torch.device | str = "cpu", autocast: torch.dtype | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Native's output and input grad for an edge case (``case.edges``), each element computed alone.
+
+    A 1-element tensor runs a CPU kernel's scalar loop, a longer one its vectorized loop, and
+    the two may differ at ±inf and NaN (which elements fall in the vectorized part depends on
+    the CPU): where they do, both are native's answer. ``g`` is the grad_output, shaped as the output.
+    """
+    module, (x,) = prepare(spec, case, dtype, "native", device=device)
+    outs, grads = [], []
+    for xi, gi in zip(x.detach().flatten(), g.flatten()):
+        xi = xi.reshape(1).requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            yi = module(xi)
+        outs.append(yi.detach())
+        grads.append(torch.autograd.grad(yi, xi, gi.reshape(1).to(yi.dtype))[0])
+    return torch.cat(outs).view(x.shape), torch.cat(grads).view(x.shape)
+
+
+def close_to_either(got: torch.Tensor, first: torch.Tensor, second: torch.Tensor, tol: dict[str, float]
+                    ) -> torch.Tensor:
+    """Elementwise: ``got`` within ``tol`` of ``first`` or of ``second`` (NaN matches NaN)."""
+    got, first, second = got.double(), first.double(), second.double()
+    return torch.isclose(got, first, equal_nan=True, **tol) | torch.isclose(got, second, equal_nan=True, **tol)

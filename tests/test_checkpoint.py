@@ -1,0 +1,294 @@
+"""Checkpoints written off the training step: the same bytes, kill -9 mid-write, failing writers, the run lock."""
+from __future__ import annotations
+
+import collections
+import errno
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QUICKSTART, ROOT
+from trainer import Trainer, checkpoint, load_config
+from trainer.cli import main
+
+# dropout, Adam and a scheduler: every piece of state a resume has to restore
+RUN = ["model={name: mlp, in_features: 10, out_features: 1, hidden: [32, 32], dropout: 0.1}",
+       "optimizer={name: adam, lr: 0.003}", "scheduler={name: cosine, warmup_steps: 20}",
+       "data.batch_size=16", "train.max_epochs=6"]  # 52 steps an epoch, 312 in all
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",  # the threads of this process
+       "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+
+def serialized(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def run_args(log_dir, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "trainer", "run", str(QUICKSTART), f"log.dir={log_dir}", "log.progress=false",
+            *RUN, *overrides]
+
+
+def resume_args(args: list[str], run_dir) -> list[str]:
+    return args[:5] + ["--resume", str(run_dir)] + args[5:]
+
+
+def last_step(run_dir) -> int:
+    try:
+        return json.loads((run_dir / "checkpoints" / "manifest.json").read_text())["last"]["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.005)
+
+
+def temporary_files(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob(".*"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The final weights of the same run, never interrupted."""
+    cfg = load_config(QUICKSTART, [f"log.dir={tmp_path_factory.mktemp('ref')}", "log.progress=false", *RUN])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def assert_bit_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+# --- the snapshot ---------------------------------------------------------------------------
+
+def test_host_copy_writes_the_same_bytes_and_shares_nothing_with_the_live_state():
+    w = torch.randn(4, 3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))
+    model[1].weight = torch.nn.Parameter(model[0].weight.t())  # tied: one storage, two views
+    state = {"model": model.state_dict(), "view": w[1:3, ::2], "w": w, "list": [w, 1.5, "x", None],
+             "tuple": (torch.tensor(3), True), "rng": checkpoint.rng_state()}
+    copy = checkpoint.host_copy(state)
+    assert type(copy["model"]) is collections.OrderedDict and copy["model"]._metadata == state["model"]._metadata
+    assert serialized(copy) == serialized(state)  # storages shared exactly as before, views kept as views
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        w.mul_(2.0)
+    assert serialized(copy) != serialized(state)
+    assert not torch.equal(copy["w"], w) and copy["view"].data_ptr() != w.data_ptr()
+
+
+class Overlapped(Trainer):
+    """Counts the steps trained while a (slowed) checkpoint write was in flight."""
+
+    writing = False
+    overlapped = 0
+
+    def train_step(self, batches):
+        Overlapped.overlapped += Overlapped.writing
+        return super().train_step(batches)
+
+
+def test_an_asynchronous_checkpoint_is_bit_identical_to_a_synchronous_one(tmp_path, monkeypatch):
+    write = checkpoint.atomic_write
+
+    def slow(path, data):  # training goes on while this sleeps: what it changes must not reach the file
+        if path.name.startswith("step_"):
+            Overlapped.writing = True
+            time.sleep(0.02)
+            Overlapped.writing = False
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", slow)
+    runs = {}
+    for background in (True, False):
+        cfg = load_config(QUICKSTART, [f"log.dir={tmp_path}", "log.progress=false", *RUN,
+                                       "train.max_epochs=2", "train.checkpoint_every=5", "train.keep_checkpoints=100",
+                                       f"train.async_checkpoint={background}"])
+        runs[background] = Overlapped(cfg).fit().run_dir / "checkpoints"
+    assert Overlapped.overlapped > 10  # the writes did overlap training
+    names = sorted(p.name for p in runs[True].glob("step_*.pt"))
+    assert len(names) == 22 and names == sorted(p.name for p in runs[False].glob("step_*.pt"))
+    for name in names + ["last.pt"]:
+        a, b = (torch.load(run / name, weights_only=True) for run in (runs[True], runs[False]))
+        assert a["config"]["train"].pop("async_checkpoint") and not b["config"]["train"].pop("async_checkpoint")
+        assert serialized(a) == serialized(b), name  # every tensor, bit for bit, and every other value
+    manifests = [json.loads((run / "manifest.json").read_text()) for run in runs.values()]
+    assert manifests[0]["last"]["step"] == manifests[1]["last"]["step"] == 104
+
+
+# --- kill -9 -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_of_asynchronous_writes_always_leaves_a_bit_exact_resume(tmp_path, reference):
+    """Eight kills at random moments of a run that writes a checkpoint every other step, each followed by a resume."""
+    args = run_args(tmp_path, "train.checkpoint_every=2", "train.keep_checkpoints=2")
+    run_dir = tmp_path / "quickstart" / "version_0"
+    rng = random.Random(16)
+    killed_mid_write = 0
+    for i in range(8):
+        before = last_step(run_dir)
+        proc = subprocess.Popen(args if i == 0 else resume_args(args, run_dir), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=ENV)
+        wait_for(lambda: last_step(run_dir) > before, proc)  # it trains and writes
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.communicate()
+        killed_mid_write += bool(temporary_files(run_dir))
+        state, path, problems = checkpoint.Checkpoints(run_dir).load()  # the newest complete one verifies
+        assert problems == [] and state["step"] >= before, problems
+    resumed = subprocess.run(resume_args(args, run_dir), capture_output=True, text=True, env=ENV, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert temporary_files(run_dir) == []  # what the kills left mid-write was removed
+    assert_bit_equal(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"], reference)
+    print(f"{killed_mid_write} of 8 kills left a write unfinished")
+
+
+# --- signals and failing writers ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigint_while_a_write_is_in_flight_exits_130_with_both_checkpoints_complete(tmp_path):
+    log = tmp_path / "writes.log"
+    args = run_args(tmp_path, "imports=[slow_writer]", "train.checkpoint_every=10")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "SLOW_WRITER_LOG": str(log), "SLOW_WRITER_SECONDS": "2.0"})
+    wait_for(log.exists, proc)  # the first checkpoint's write has begun and takes two seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["error: interrupted by SIGINT; checkpoint saved"]
+    ckpts = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    manifest = json.loads((ckpts / "manifest.json").read_text())
+    stop = manifest["last"]["step"]
+    # the loop saves at the step the signal ends, or, on a busy machine, at step 20, where the loop
+    # waited for the first write; either way after the write in flight, and not before it ended
+    assert sorted(manifest["files"]) == ["step_00000010.pt", f"step_{stop:08d}.pt"] and 10 < stop <= 20
+    for name, entry in manifest["files"].items():
+        assert isinstance(checkpoint.verify(ckpts / name, entry["sha256"]), dict), name
+    assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == stop
+
+
+def blocked_writer(monkeypatch, after: int):
+    """``atomic_write`` failing as on a full disk from the ``after``-th step file on."""
+    write, calls = checkpoint.atomic_write, []
+
+    def full(path, data):
+        if path.name.startswith("step_"):
+            calls.append(path.name)
+            if len(calls) > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", full)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])
+def test_a_full_disk_stops_the_run_with_one_error_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                           capsys, background):
+    blocked_writer(monkeypatch, after=2)
+    code = main(["run", str(QUICKSTART), f"log.dir={tmp_path}", "log.progress=false", *RUN,
+                 "train.checkpoint_every=5", f"train.async_checkpoint={background}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: could not write checkpoint ") and "step_00000015.pt (OSError: [Errno 28] No " \
+        "space left on device); stopped, the checkpoint of step 10 is kept" in err
+    ckpts = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    state, path, problems = checkpoint.Checkpoints(ckpts.parent).load()
+    assert state["step"] == 10 and path.name == "step_00000010.pt" and problems == []
+    assert temporary_files(ckpts.parent) == [] and not (ckpts / "step_00000015.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_writer_failing_in_a_real_run_stops_it_at_the_next_step_with_one_error_line(tmp_path):
+    """The checkpoint's temporary file cannot be created (a folder is in its place): the run stops, exit 1."""
+    args = run_args(tmp_path, "data.n_samples=100000", "train.max_steps=3000", "train.max_epochs=null",
+                    "train.checkpoint_every=100")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    ckpts = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    wait_for((ckpts.parent / "config.yaml").exists, proc)  # its run directory, made at the start of fit
+    for step in range(200, 3001, 100):  # long before the run gets there: every write after the first fails
+        (ckpts / f".step_{step:08d}.pt.tmp{proc.pid}").mkdir(parents=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert err.startswith(f"error: could not write checkpoint {ckpts / 'step_00000200.pt'} (IsADirectoryError: ")
+    assert err.strip().endswith("stopped, the checkpoint of step 100 is kept") and len(err.strip().splitlines()) == 1
+    state, path, problems = checkpoint.Checkpoints(ckpts.parent).load()
+    assert state["step"] == 100 and problems == []
+    assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 100
+
+
+# --- the run-directory lock and leftovers ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_resume_of_a_run_in_training_is_one_error_line_naming_the_holder(tmp_path):
+    args = run_args(tmp_path, "data.n_samples=100000", "train.max_steps=100000", "train.max_epochs=null",
+                    "train.checkpoint_every=10")
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    run_dir = tmp_path / "quickstart" / "version_0"
+    try:
+        wait_for(lambda: last_step(run_dir) > 0, first)
+        second = subprocess.run(resume_args(args, run_dir), capture_output=True, text=True, env=ENV, timeout=120)
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr == f"error: --resume: {run_dir} is in use by process {first.pid}, which is training " \
+                                "in it (wait for that process to end, or stop it)\n"
+        assert first.poll() is None  # the first goes on
+    finally:
+        first.kill()
+        first.communicate()
+    assert checkpoint.lock_run_dir(run_dir) is not None  # kill -9 released it
+
+
+def test_the_lock_is_held_from_resume_to_the_end_of_fit(tmp_path, quick):
+    run = Trainer(quick("train.max_steps=3")).fit()
+    trainer = Trainer(quick("train.max_steps=6"), resume=run.run_dir)
+    with pytest.raises(Exception, match=f"is in use by process {os.getpid()}"):
+        checkpoint.lock_run_dir(run.run_dir)
+    trainer.fit()
+    checkpoint.lock_run_dir(run.run_dir).close()
+
+
+def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, quick):
+    run = Trainer(quick("train.max_steps=4", "train.checkpoint_every=2")).fit()
+    ckpts = run.run_dir / "checkpoints"
+    good = (ckpts / "step_00000004.pt").read_bytes()
+    leftovers = [ckpts / ".step_00000006.pt.tmp4242", ckpts / ".manifest.json.tmp4242", ckpts / ".last.pt.tmp17"]
+    leftovers[0].write_bytes(good[: len(good) // 2])  # a half-written newer checkpoint
+    leftovers[1].write_text('{"files": {}, "last": {"file": ".step_00000006.pt.tmp4242", "step": 6}}')
+    leftovers[2].write_bytes(b"\0" * 100)
+    trainer = Trainer(quick("train.max_steps=8"), resume=run.run_dir)
+    assert trainer.step == 4 and not any(p.exists() for p in leftovers)
+    trainer.fit()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "manifest.json", "step_00000002.pt",
+                                                       "step_00000004.pt", "step_00000008.pt"]
+
+
+def test_huge_but_finite_weights_pass_the_check_before_a_save_and_an_inf_does_not(quick):
+    """The check sums the weights first; a sum that overflows is looked at element by element."""
+    from trainer.loop import NonFiniteLoss
+
+    trainer = Trainer(quick("train.max_steps=1"))
+    with torch.no_grad():
+        trainer.model.weight.fill_(3e38)  # each finite, their sum is inf
+    trainer.check_finite(weights=True)
+    with torch.no_grad():
+        trainer.model.weight[0, 3] = float("inf")
+    with pytest.raises(NonFiniteLoss, match="the weights are nan by step 0"):
+        trainer.check_finite(weights=True)
