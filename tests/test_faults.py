@@ -162,7 +162,7 @@ def test_early_stopping_and_best_checkpoint(tmp_path, capsys):
     assert main(["run", str(QUICKSTART), *overrides]) == 0
     out = capsys.readouterr().out
     # 3 validations, one per epoch
-    assert "  stopped: early stopping (val/loss did not improve for 2 checks) at step 39, epoch 3" in out
+    assert "  stopped: early stopping (val/loss did not improve for 2 checks) at step 39, 3 full epochs" in out
     ckpts = tmp_path / "quickstart" / "version_0" / "checkpoints"
     assert torch.load(ckpts / "best.pt", weights_only=True)["step"] == 13
     assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 39

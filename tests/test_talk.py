@@ -38,7 +38,7 @@ def test_a_run_prints_its_directory_first_progress_every_n_steps_and_a_summary_l
     assert progress[0].startswith("step 5/26  epoch 1/2  loss=") and "lr=0.01" in progress[0]
     assert "samples/s=" in progress[0] and progress[-1].startswith("step 26/26  epoch 2/2")
     assert lines[-3] == f"done: {run_dir}"
-    assert lines[-2].startswith("  stopped: max_epochs=2 at step 26, epoch 2, after ")
+    assert lines[-2].startswith("  stopped: max_epochs=2 at step 26, 2 full epochs, after ")
     assert lines[-1].startswith("  final: train/loss=") and "val/loss=" in lines[-1]
 
 
@@ -47,7 +47,7 @@ def test_summary_names_early_stopping_and_the_best_checkpoint(tmp_path):
                    "train.patience=1", "train.min_delta=1000")
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "quickstart" / "version_0"
-    assert "  stopped: early stopping (val/loss did not improve for 1 checks) at step 26, epoch 2" in proc.stdout
+    assert "  stopped: early stopping (val/loss did not improve for 1 check) at step 26, 2 full epochs" in proc.stdout
     best = run_dir / "checkpoints" / "best.pt"
     assert f"  best: val/loss=" in proc.stdout and proc.stdout.rstrip().endswith(f"checkpoint {best}")
 
@@ -90,7 +90,7 @@ def test_resume_without_a_config_says_the_step_finished_runs_do_nothing_and_over
     assert more.returncode == 0, more.stderr
     assert more.stdout.splitlines()[:2] == [f"run: {run_dir}  (watch: tensorboard --logdir {run_dir})",
                                             "resuming from step 13 (epoch 1)"]
-    assert "  stopped: max_epochs=2 at step 26, epoch 2" in more.stdout
+    assert "  stopped: max_epochs=2 at step 26, 2 full epochs" in more.stdout
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_epochs"] == 2
     [record] = yaml.safe_load((run_dir / "resumes.yaml").read_text())
     assert record["step"] == 13 and record["overrides"] == {"train.max_epochs": 2} and "time" in record

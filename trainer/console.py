@@ -42,13 +42,17 @@ def summary(result, label: str = "") -> str:
     """The lines a finished run ends with (``result`` is a ``FitResult``)."""
     shown = f"  {label}" if label else ""
     lines = [f"done: {result.run_dir}{shown}",
-             f"  stopped: {result.reason} at step {result.step}, epoch {result.epoch}, "
+             f"  stopped: {result.reason} at step {result.step}, {plural(result.epoch, 'full epoch')}, "
              f"after {duration(result.seconds)}",
              f"  final: {metrics_text(result.metrics) or '-'}"]
     if result.best is not None:
         best = f"{result.monitor}={result.best:.6g}"
         lines.append(f"  best: {best}  checkpoint {result.best_path}" if result.best_path else f"  best: {best}")
     return "\n".join(lines)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def duration(seconds: float) -> str:

@@ -256,7 +256,7 @@ class Trainer:
     def stop_reason(self) -> str:
         t = self.cfg.train
         if self.stopped_early:
-            return f"early stopping ({t.monitor} did not improve for {t.patience} checks)"
+            return f"early stopping ({t.monitor} did not improve for {console.plural(t.patience, 'check')})"
         if t.max_steps and self.step >= t.max_steps:
             return f"max_steps={t.max_steps}"
         return f"max_epochs={t.max_epochs}"
