@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer import Trainer, datasets
+from trainer import ConfigError, Trainer, datasets
 from conftest import StopAt
 from trainer.loop import Interrupted, NonFiniteLoss
 
@@ -190,3 +190,21 @@ def test_resume_mid_epoch_is_bit_exact(quick):
     assert result.run_dir == first.run_dir and result.step == whole.step
     for (name, p), q in zip(resumed.model.named_parameters(), whole.model.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_an_optimizer_change_on_resume_is_what_runs_or_is_refused(quick):
+    first = Trainer(quick("optimizer={name: adam, lr: 0.01}", "train.max_epochs=1"))
+    first.fit()
+    changed = Trainer(quick("optimizer={name: adam, lr: 0.05, weight_decay: 0.1, betas: [0.8, 0.99]}",
+                            "train.max_epochs=2"), resume=first.run_dir)
+    group = changed.optimizer.param_groups[0]  # restored from the checkpoint, then the new values
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (0.05, 0.1, (0.8, 0.99))
+    assert changed.optimizer.state  # Adam's moments came back from the checkpoint
+    changed.checkpoints.close()
+    with pytest.raises(ConfigError, match="optimizer.name"):
+        Trainer(quick("optimizer={name: sgd, lr: 0.01}", "train.max_epochs=2"), resume=first.run_dir)
+    scheduled = Trainer(quick("optimizer={name: adam, lr: 0.01}", "scheduler={name: cosine}", "train.max_epochs=1"))
+    scheduled.fit()
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        Trainer(quick("optimizer={name: adam, lr: 0.5}", "scheduler={name: cosine}", "train.max_epochs=2"),
+                resume=scheduled.run_dir)

@@ -489,6 +489,7 @@ class Trainer:
                               suggestion="resume with the config the run was started with (its config.yaml)") from None
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_optimizer_changes(state.get("config", {}).get("optimizer"))
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.monitor.load_state_dict(state.get("monitor", {"best": None, "bad_checks": 0}))
@@ -496,6 +497,30 @@ class Trainer:
         self._rng = state["rng"]
         self._saved_at = self.step
         self.stopped_early = self.monitor.exhausted  # an early-stopped run stays finished
+
+    def apply_optimizer_changes(self, saved: dict[str, Any] | None) -> None:
+        """Hyperparameters changed on resume (``optimizer.lr=0.5 --resume RUN``) go into the restored optimizer,
+        so what runs is what the run's config records; what cannot be carried over is refused.
+
+        ``load_state_dict`` brings back the checkpoint's param groups, old values included, so without
+        this an override would be recorded but not run.
+        """
+        if saved is None:  # a checkpoint without its config: nothing to tell apart
+            return
+        now = self.cfg.optimizer
+        if saved.get("name") != now.name:
+            raise ConfigError("optimizer.name", f"the run was trained with {saved.get('name')}, its state cannot "
+                              f"become {now.name}'s", suggestion="resume with the run's optimizer, or start a new run")
+        changed = {k: v for k, v in now.kwargs.items() if saved.get(k, v) != v}
+        if "lr" in changed and self.scheduler is not None:
+            raise ConfigError("optimizer.lr", "the run's scheduler sets the learning rate from its own state",
+                              suggestion="resume without changing optimizer.lr, or start a new run")
+        for key, value in changed.items():
+            for group in self.optimizer.param_groups:
+                if key not in group:
+                    raise ConfigError(f"optimizer.{key}", "cannot be changed on resume",
+                                      suggestion=f"resume without optimizer.{key}, or start a new run")
+                group[key] = tuple(value) if isinstance(group[key], tuple) else value
 
     # --- helpers --------------------------------------------------------------------------
 
