@@ -174,8 +174,10 @@ def test_sigint_while_a_write_is_in_flight_exits_130_with_both_checkpoints_compl
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["error: interrupted by SIGINT; checkpoint saved"]
-    ckpts = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    run = tmp_path / "quickstart" / "version_0"
+    assert err.strip().splitlines() == [f"error: interrupted by SIGINT; checkpoint saved [run directory {run}; "
+                                        f"to resume: trainer run --resume {run}]"]
+    ckpts = run / "checkpoints"
     manifest = json.loads((ckpts / "manifest.json").read_text())
     stop = manifest["last"]["step"]
     # the loop saves at the step the signal ends, or, on a busy machine, at step 20, where the loop
@@ -229,7 +231,9 @@ def test_a_writer_failing_in_a_real_run_stops_it_at_the_next_step_with_one_error
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, err
     assert err.startswith(f"error: could not write checkpoint {ckpts / 'step_00000200.pt'} (IsADirectoryError: ")
-    assert err.strip().endswith("stopped, the checkpoint of step 100 is kept") and len(err.strip().splitlines()) == 1
+    assert err.strip().endswith(f"stopped, the checkpoint of step 100 is kept [run directory {ckpts.parent}; "
+                                f"to resume: trainer run --resume {ckpts.parent}]")
+    assert len(err.strip().splitlines()) == 1
     state, path, problems = checkpoint.Checkpoints(ckpts.parent).load()
     assert state["step"] == 100 and problems == []
     assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 100
