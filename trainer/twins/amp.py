@@ -22,10 +22,6 @@ def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float() if t is not None and t.dtype in LOW else t
 
 
-def as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``t`` in ``dtype``, without a copy when it already is (None stays None: a grad not asked for)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
 def in_float32(fn: Callable) -> Callable:
     """``fn`` computed in float32 when a tensor argument is half or bfloat16, each tensor it returns rounded once
     to that dtype, as native kernels compute ("opmath"). Wraps a forward formula or a backward (whose saved
@@ -36,7 +32,7 @@ def in_float32(fn: Callable) -> Callable:
         if low is None:
             return fn(*args)
         out = fn(*(opmath(a) if isinstance(a, torch.Tensor) else a for a in args))
-        return out.to(low) if isinstance(out, torch.Tensor) else tuple(as_dtype(t, low) for t in out)
+        return out.to(low) if isinstance(out, torch.Tensor) else tuple(t if t is None else t.to(low) for t in out)
     return wrapped
 
 
