@@ -79,20 +79,15 @@ class L1LossFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.reduction, ctx.dtypes = inputs[2], (inputs[0].dtype, inputs[1].dtype)
+        ctx.reduction = inputs[2]
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
-        ctx.set_materialize_grads(False)  # no zeros for the sign's (never used) grad
 
     @staticmethod
     def backward(ctx, g, _):
         (sign,) = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        # dx = sign(x − t) r (0 at x == t, as native), dt = −dx
-        dx = sign * _per_element(opmath(g), ctx.reduction, sign.numel())
-        return (dx.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-                (-dx).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None)
+        # dx = sign(x − t) r (0 at x == t, as native), dt = −dx (autograd rounds each to its input's dtype)
+        return *_x_and_t(ctx, sign * _per_element(opmath(g), ctx.reduction, sign.numel())), None
 
 
 class CustomL1Loss(nn.L1Loss):
@@ -141,18 +136,13 @@ def _class_weights(x, t, w, ignore_index, eps):
     (``valid``) whose class y is not ignore_index, else 0 (count = Σ_valid w_y, what ``mean`` divides by); or for
     probabilities t, T = w ⊙ ((1 − ε) t + ε / C) (count = the number of rows, valid None). Class dim 1 (0 unbatched)."""
     cdim = 1 if x.dim() > 1 else 0
-    C = x.shape[cdim]
-    along_classes = (-1, *[1] * (x.dim() - cdim - 1))
+    C, along_classes = x.shape[cdim], (-1, *[1] * (x.dim() - cdim - 1))
+    w = 1 if w is None else w.view(along_classes)
     if t.is_floating_point():
-        T, valid = (1 - eps) * t + eps / C, None
-    else:
-        valid = (t != ignore_index).unsqueeze(cdim)
-        onehot = (torch.arange(C, device=x.device).view(along_classes) == t.unsqueeze(cdim)) & valid
-        T = (1 - eps) * onehot.to(x.dtype) + eps / C * valid.to(x.dtype)
-    T = T if w is None else T * w.view(along_classes)
-    if valid is None:
-        return T, None, x.numel() // C
-    return T, valid, (onehot.sum() if w is None else (onehot * w.view(along_classes)).sum())
+        return w * ((1 - eps) * t + eps / C), None, x.numel() // C
+    valid = (t != ignore_index).unsqueeze(cdim)
+    onehot = ((torch.arange(C, device=x.device).view(along_classes) == t.unsqueeze(cdim)) & valid).to(x.dtype)
+    return w * ((1 - eps) * onehot + eps / C * valid.to(x.dtype)), valid, (w * onehot).sum()
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -178,15 +168,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         x, t, w = map(opmath, ctx.saved_tensors)
         ignore_index, reduction, eps = ctx.options
         cdim = 1 if x.dim() > 1 else 0
-        dx = dt = None
-        if ctx.needs_input_grad[0]:
-            T, valid, count = _class_weights(x, t, w, ignore_index, eps)
-            # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
-            dx = _r(g, valid, count, reduction, cdim) * (softmax(x, cdim) * T.sum(cdim, keepdim=True) - T)
-        if ctx.needs_input_grad[1]:
-            w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
-            # dt = −r (1 − ε) w log p (probabilities only: indices have no grad)
-            dt = -_r(g, None, x.numel() // x.shape[cdim], reduction, cdim) * (1 - eps) * w * log_softmax(x, cdim)
+        T, valid, count = _class_weights(x, t, w, ignore_index, eps)
+        r = _r(g, valid, count, reduction, cdim)
+        # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
+        dx = r * (softmax(x, cdim) * T.sum(cdim, keepdim=True) - T) if ctx.needs_input_grad[0] else None
+        # dt = −r (1 − ε) w log p, as dT/dt = (1 − ε) w (probabilities only: indices have no grad)
+        w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
+        dt = -r * (1 - eps) * w * log_softmax(x, cdim) if ctx.needs_input_grad[1] else None
         return dx, dt, None, None, None, None
 
 
