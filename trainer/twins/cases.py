@@ -33,18 +33,10 @@ class Case:
     edges: bool = False
 
 
-def randn(*shape: int, low: float = 0.05, scale: float = 1.0, shift: float = 0.0):
-    """``shift + scale * z``, z standard-normal float64 samples kept at least ``low`` away from zero (a kink)."""
+def randn(*shape: int, scale: float = 1.0, shift: float = 0.0, kinks: tuple[float, ...] = (0.0,), gap: float = 0.05):
+    """``shift + scale * z``, z standard-normal float64 samples, each at least ``gap`` away from every kink."""
     def make(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
-        return (shift + scale * torch.where(x.abs() < low, torch.where(x < 0, -low, low), x),)
-    return make
-
-
-def spread(*shape: int, scale: float, kinks: tuple[float, ...] = (), gap: float = 0.05):
-    """``scale`` * standard-normal float64 samples, each at least ``gap`` away from every kink."""
-    def make(gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-        x = scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
+        x = shift + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
         for k in kinks:
             x = torch.where((x - k).abs() < gap, torch.where(x < k, k - gap, k + gap), x)
         return (x,)
@@ -86,23 +78,23 @@ elu = [
     edges("elu-alpha2-edges", lambda: nn.ELU(alpha=2.0), *EDGES),
     edges("elu-alpha-neg-edges", lambda: nn.ELU(alpha=-0.5), *EDGES)]
 gelu = [
-    Case("gelu", nn.GELU, spread(3, 4, scale=2.0)),
-    Case("gelu-tanh-3d", lambda: nn.GELU(approximate="tanh"), spread(2, 2, 3, scale=2.0)),
+    Case("gelu", nn.GELU, randn(3, 4, scale=2.0)),
+    Case("gelu-tanh-3d", lambda: nn.GELU(approximate="tanh"), randn(2, 2, 3, scale=2.0)),
     edges("gelu-edges", nn.GELU, *GELU_EDGES),
     edges("gelu-tanh-edges", lambda: nn.GELU(approximate="tanh"), *GELU_EDGES)]
-silu = [Case("silu-3d", nn.SiLU, spread(2, 2, 3, scale=3.0)), edges("silu-edges", nn.SiLU, *EDGES)]
-mish = [Case("mish-3d", nn.Mish, spread(2, 2, 3, scale=3.0)),
+silu = [Case("silu-3d", nn.SiLU, randn(2, 2, 3, scale=3.0)), edges("silu-edges", nn.SiLU, *EDGES)]
+mish = [Case("mish-3d", nn.Mish, randn(2, 2, 3, scale=3.0)),
         edges("mish-edges", nn.Mish, *EDGES, -1.19, 19.99, 20.01, 50.0, 88.0, 89.0)]
 softplus = [
-    Case("softplus", nn.Softplus, spread(3, 4, scale=3.0)),
-    Case("softplus-beta2-thr5-3d", lambda: nn.Softplus(2.0, 5.0), spread(2, 2, 3, scale=3.0, kinks=(2.5,))),
+    Case("softplus", nn.Softplus, randn(3, 4, scale=3.0)),
+    Case("softplus-beta2-thr5-3d", lambda: nn.Softplus(2.0, 5.0), randn(2, 2, 3, scale=3.0, kinks=(2.5,))),
     edges("softplus-edges", nn.Softplus, *EDGES, 19.99, 20.0, 20.01, 88.0, 89.0),
     edges("softplus-beta2-thr5-edges", lambda: nn.Softplus(2.0, 5.0), *EDGES, 2.4999, 2.5, 2.5001)]
-sigmoid = [Case("sigmoid-3d", nn.Sigmoid, spread(2, 2, 3, scale=3.0)), edges("sigmoid-edges", nn.Sigmoid, *EDGES)]
-tanh = [Case("tanh-3d", nn.Tanh, spread(2, 2, 3, scale=2.0)), edges("tanh-edges", nn.Tanh, *EDGES, 1e-4, -1e-4, 0.3)]
-hardsigmoid = [Case("hardsigmoid-3d", nn.Hardsigmoid, spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
+sigmoid = [Case("sigmoid-3d", nn.Sigmoid, randn(2, 2, 3, scale=3.0)), edges("sigmoid-edges", nn.Sigmoid, *EDGES)]
+tanh = [Case("tanh-3d", nn.Tanh, randn(2, 2, 3, scale=2.0)), edges("tanh-edges", nn.Tanh, *EDGES, 1e-4, -1e-4, 0.3)]
+hardsigmoid = [Case("hardsigmoid-3d", nn.Hardsigmoid, randn(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
                edges("hardsigmoid-edges", nn.Hardsigmoid, *HARD_EDGES)]
-hardswish = [Case("hardswish-3d", nn.Hardswish, spread(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
+hardswish = [Case("hardswish-3d", nn.Hardswish, randn(2, 2, 4, scale=3.0, kinks=(-3.0, 3.0))),
              edges("hardswish-edges", nn.Hardswish, *HARD_EDGES)]
 
 # --- dense: the "wide" and "tuples" cases are large enough for fast-mode gradcheck ------
@@ -214,12 +206,11 @@ log_softmax = _softmax(nn.LogSoftmax, "log_softmax")
 
 
 # --- losses -----------------------------------------------------------------------------
-def pair(*shape: int, target: str = "randn", scale: float = 1.0, target_shape: tuple[int, ...] | None = None):
-    """(input, float target) in float64; the target is standard normal or uniform in [0, 1]."""
+def pair(*shape: int, target=torch.randn, scale: float = 1.0, target_shape: tuple[int, ...] | None = None):
+    """(input, float target) in float64; the target drawn by ``target`` (standard normal, or ``torch.rand``)."""
     def make(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = scale * torch.randn(*shape, generator=gen, dtype=torch.float64)
-        t = torch.randn if target == "randn" else torch.rand
-        return x, t(*(target_shape or shape), generator=gen, dtype=torch.float64)
+        return x, target(*(target_shape or shape), generator=gen, dtype=torch.float64)
     return make
 
 
@@ -290,12 +281,12 @@ cross_entropy = [
 bce = nn.BCEWithLogitsLoss
 EXTREME = fixed([100.0, -100.0, 100.0, -100.0, 40.0, -40.0], [1.0, 0.0, 0.0, 1.0, 0.5, 0.5])
 bce_with_logits = [
-    Case("bce-mean", bce, pair(4, 5, target="rand")),
-    Case("bce-sum", lambda: bce(reduction="sum"), pair(4, 5, target="rand")),
-    Case("bce-none", lambda: bce(reduction="none"), pair(2, 3, 4, target="rand")),
-    Case("bce-weight", lambda: bce(weight=_w()), pair(4, 5, target="rand")),
-    Case("bce-pos-weight", lambda: bce(pos_weight=_w()), pair(4, 5, target="rand", scale=3.0)),
+    Case("bce-mean", bce, pair(4, 5, target=torch.rand)),
+    Case("bce-sum", lambda: bce(reduction="sum"), pair(4, 5, target=torch.rand)),
+    Case("bce-none", lambda: bce(reduction="none"), pair(2, 3, 4, target=torch.rand)),
+    Case("bce-weight", lambda: bce(weight=_w()), pair(4, 5, target=torch.rand)),
+    Case("bce-pos-weight", lambda: bce(pos_weight=_w()), pair(4, 5, target=torch.rand, scale=3.0)),
     Case("bce-weight-pos-weight-none", lambda: bce(weight=_w(2.0, 0.5, 1.5, 1.0), pos_weight=_w(3.0, 1.0, 0.5, 2.0),
-                                                   reduction="none"), pair(2, 2, 4, target="rand")),
+                                                   reduction="none"), pair(2, 2, 4, target=torch.rand)),
     Case("bce-extreme-logits", bce, EXTREME, gradcheck=False),
     Case("bce-extreme-logits-pos-weight", lambda: bce(pos_weight=_w(3.0), reduction="sum"), EXTREME, gradcheck=False)]
