@@ -14,6 +14,14 @@ from trainer.twins import amp
 from trainer.twins.amp import in_float32, opmath
 
 
+class _ElementwiseTwin:
+    """``forward`` of the twins of one-tensor activations: ``function`` on x, in x's dtype (``inplace`` is ignored:
+    the output is a new tensor)."""
+
+    def forward(self, x):
+        return amp.apply(self.function, amp.KEEP, x)
+
+
 class ReLUFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
@@ -32,12 +40,9 @@ class ReLUFunction(torch.autograd.Function):
         return torch.where(y <= 0, 0.0, g)
 
 
-class CustomReLU(nn.ReLU):
-    """``nn.ReLU`` computed by ``ReLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomReLU(_ElementwiseTwin, nn.ReLU):
+    """``nn.ReLU`` computed by ``ReLUFunction``."""
     function = ReLUFunction
-
-    def forward(self, x):
-        return amp.apply(ReLUFunction, amp.KEEP, x)
 
 
 class LeakyReLUFunction(torch.autograd.Function):
@@ -160,12 +165,9 @@ class SiLUFunction(torch.autograd.Function):
         return g * s * (1 + x * (1 - s))  # d/dx = s (1 + x (1 - s)), s = sigmoid(x)
 
 
-class CustomSiLU(nn.SiLU):
-    """``nn.SiLU`` computed by ``SiLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomSiLU(_ElementwiseTwin, nn.SiLU):
+    """``nn.SiLU`` computed by ``SiLUFunction``."""
     function = SiLUFunction
-
-    def forward(self, x):
-        return amp.apply(SiLUFunction, amp.KEEP, x)
 
 
 class MishFunction(torch.autograd.Function):
@@ -189,12 +191,9 @@ class MishFunction(torch.autograd.Function):
         return g * (t + x * torch.sigmoid(x) * (1 - t * t))
 
 
-class CustomMish(nn.Mish):
-    """``nn.Mish`` computed by ``MishFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomMish(_ElementwiseTwin, nn.Mish):
+    """``nn.Mish`` computed by ``MishFunction``."""
     function = MishFunction
-
-    def forward(self, x):
-        return amp.apply(MishFunction, amp.KEEP, x)
 
 
 class SoftplusFunction(torch.autograd.Function):
@@ -246,12 +245,9 @@ class SigmoidFunction(torch.autograd.Function):
         return g * (1 - y) * y  # d/dx = y (1 - y)
 
 
-class CustomSigmoid(nn.Sigmoid):
+class CustomSigmoid(_ElementwiseTwin, nn.Sigmoid):
     """``nn.Sigmoid`` computed by ``SigmoidFunction``."""
     function = SigmoidFunction
-
-    def forward(self, x):
-        return amp.apply(SigmoidFunction, amp.KEEP, x)
 
 
 class TanhFunction(torch.autograd.Function):
@@ -273,12 +269,9 @@ class TanhFunction(torch.autograd.Function):
         return g * (1 - y * y)  # d/dx = 1 - y^2
 
 
-class CustomTanh(nn.Tanh):
+class CustomTanh(_ElementwiseTwin, nn.Tanh):
     """``nn.Tanh`` computed by ``TanhFunction``."""
     function = TanhFunction
-
-    def forward(self, x):
-        return amp.apply(TanhFunction, amp.KEEP, x)
 
 
 class HardsigmoidFunction(torch.autograd.Function):
@@ -301,12 +294,9 @@ class HardsigmoidFunction(torch.autograd.Function):
         return torch.where((x > -3) & (x < 3), g / 6, 0.0)
 
 
-class CustomHardsigmoid(nn.Hardsigmoid):
-    """``nn.Hardsigmoid`` computed by ``HardsigmoidFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomHardsigmoid(_ElementwiseTwin, nn.Hardsigmoid):
+    """``nn.Hardsigmoid`` computed by ``HardsigmoidFunction``."""
     function = HardsigmoidFunction
-
-    def forward(self, x):
-        return amp.apply(HardsigmoidFunction, amp.KEEP, x)
 
 
 class HardswishFunction(torch.autograd.Function):
@@ -329,9 +319,6 @@ class HardswishFunction(torch.autograd.Function):
         return torch.where(x <= -3, 0.0, torch.where(x < 3, g * (x / 3 + 0.5), g))
 
 
-class CustomHardswish(nn.Hardswish):
-    """``nn.Hardswish`` computed by ``HardswishFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomHardswish(_ElementwiseTwin, nn.Hardswish):
+    """``nn.Hardswish`` computed by ``HardswishFunction``."""
     function = HardswishFunction
-
-    def forward(self, x):
-        return amp.apply(HardswishFunction, amp.KEEP, x)
