@@ -12,7 +12,6 @@ from torch import nn
 
 from trainer.twins import amp
 from trainer.twins.amp import in_float32, opmath
-from trainer.twins.softmax import log_softmax, softmax
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -154,7 +153,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(x, t, w, ignore_index, reduction, eps):
         cdim = 1 if x.dim() > 1 else 0
         T, _, count = _class_weights(x, t, w, ignore_index, eps)
-        loss = -(T * log_softmax(x, cdim)).sum(cdim)  # L_n = −Σ_c T[n, c] log p[n, c]
+        loss = -(T * x.log_softmax(cdim)).sum(cdim)  # L_n = −Σ_c T[n, c] log p[n, c]
         return loss.sum() / count if reduction == "mean" else _reduce(loss, reduction)
 
     @staticmethod
@@ -171,10 +170,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         T, valid, count = _class_weights(x, t, w, ignore_index, eps)
         r = _r(g, valid, count, reduction, cdim)
         # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
-        dx = r * (softmax(x, cdim) * T.sum(cdim, keepdim=True) - T) if ctx.needs_input_grad[0] else None
+        dx = r * (x.softmax(cdim) * T.sum(cdim, keepdim=True) - T) if ctx.needs_input_grad[0] else None
         # dt = −r (1 − ε) w log p, as dT/dt = (1 − ε) w (probabilities only: indices have no grad)
         w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
-        dt = -r * (1 - eps) * w * log_softmax(x, cdim) if ctx.needs_input_grad[1] else None
+        dt = -r * (1 - eps) * w * x.log_softmax(cdim) if ctx.needs_input_grad[1] else None
         return dx, dt, None, None, None, None
 
 

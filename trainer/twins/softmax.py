@@ -19,24 +19,14 @@ def _dim(module: nn.Softmax | nn.LogSoftmax, x: torch.Tensor, name: str) -> int:
     return F._get_softmax_dim(name, x.dim(), 5)
 
 
-def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    e = (x - x.amax(dim, keepdim=True)).exp()  # softmax(x) = e^z / Σ e^z with z = x − max x (no overflow)
-    return e / e.sum(dim, keepdim=True)
-
-
-def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    # log softmax(x) = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep precision
-    z = x - x.amax(dim, keepdim=True)
-    return z - z.exp().sum(dim, keepdim=True).log()
-
-
 class SoftmaxFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
     @in_float32
     def forward(x, dim):
-        return softmax(x, dim)
+        e = (x - x.amax(dim, keepdim=True)).exp()  # y = e^z / Σ e^z with z = x − max x (no overflow)
+        return e / e.sum(dim, keepdim=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -64,7 +54,9 @@ class LogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @in_float32
     def forward(x, dim):
-        return log_softmax(x, dim)
+        # y = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep precision
+        z = x - x.amax(dim, keepdim=True)
+        return z - z.exp().sum(dim, keepdim=True).log()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
