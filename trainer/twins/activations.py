@@ -88,9 +88,8 @@ class ELUFunction(torch.autograd.Function):
         ctx.save_for_backward(output if ctx.from_y else x)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        t = opmath(ctx.saved_tensors[0])
+        t, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = alpha e^x where x <= 0 (alpha at 0), else 1; alpha e^x = y + alpha
         slope = t + ctx.alpha if ctx.from_y else ctx.alpha * torch.exp(t)
         return torch.where(t <= 0, g * slope, g), None
@@ -126,9 +125,8 @@ class GELUFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         if ctx.approximate == "tanh":
             # d/dx = (1 + t) / 2 + x/2 (1 - t^2) z', t = tanh z, z' = beta (1 + 3 kappa x^2)
             t = torch.tanh(BETA * (x + KAPPA * x**3))
@@ -158,9 +156,8 @@ class SiLUFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         s = torch.sigmoid(x)
         return g * s * (1 + x * (1 - s))  # d/dx = s (1 + x (1 - s)), s = sigmoid(x)
 
@@ -183,9 +180,8 @@ class MishFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = T + x sigmoid(x) (1 - T^2), T = tanh(softplus x) (softplus, not log(1 + e^x), stays finite)
         t = torch.tanh(F.softplus(x))
         return g * (t + x * torch.sigmoid(x) * (1 - t * t))
@@ -211,9 +207,8 @@ class SoftplusFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = 1 if beta x > threshold (strictly, as native) else sigmoid(beta x)
         return torch.where(x * ctx.beta > ctx.threshold, g, g * torch.sigmoid(x * ctx.beta)), None, None
 
@@ -239,9 +234,8 @@ class SigmoidFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # the derivative needs y only, which the next layer keeps anyway
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return g * (1 - y) * y  # d/dx = y (1 - y)
 
 
@@ -263,9 +257,8 @@ class TanhFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # the derivative needs y only, which the next layer keeps anyway
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return g * (1 - y * y)  # d/dx = 1 - y^2
 
 
@@ -312,9 +305,8 @@ class HardswishFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = 0 up to -3 (at -3 too), x/3 + 1/2 on the open interval (-3, 3), 1 from 3 on (at 3 too), as native
         return torch.where(x <= -3, 0.0, torch.where(x < 3, g * (x / 3 + 0.5), g))
 

@@ -53,9 +53,8 @@ class MSELossFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], inputs[1])  # as native
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t = map(opmath, ctx.saved_tensors)
+        x, t, g = map(opmath, (*ctx.saved_tensors, g))
         return *_x_and_t(ctx, 2 * (x - t) * _per_element(g, ctx.reduction, x.numel())), None  # dx = 2 (x − t) r
 
 
@@ -114,9 +113,8 @@ class HuberLossFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], inputs[1])  # as native
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t = map(opmath, ctx.saved_tensors)
+        x, t, g = map(opmath, (*ctx.saved_tensors, g))
         # dx = clamp(x − t, −δ, δ) r, as hardtanh, whose own derivative is 0 at ±δ like native's second derivative
         dx = F.hardtanh(x - t, -ctx.delta, ctx.delta) * _per_element(g, ctx.reduction, x.numel())
         return *_x_and_t(ctx, dx), None, None
@@ -162,9 +160,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], t, w)  # the logits (as many bytes as native's log p): log p is recomputed
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t, w = map(opmath, ctx.saved_tensors)
+        x, t, w, g = map(opmath, (*ctx.saved_tensors, g))
         ignore_index, reduction, eps = ctx.options
         cdim = 1 if x.dim() > 1 else 0
         T, valid, count = _class_weights(x, t, w, ignore_index, eps)
@@ -228,9 +225,8 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         ctx.save_for_backward(*inputs[:4])  # inputs and buffers only, as native
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t, w, pw = map(opmath, ctx.saved_tensors)
+        x, t, w, pw, g = map(opmath, (*ctx.saved_tensors, g))
         r = _per_element(g, ctx.reduction, x.numel()) * (1 if w is None else w)
         pw = 1 if pw is None else pw
         # dx = r ((1 − t) σ(x) − pw t σ(−x)), dt = r (log σ(−x) − pw log σ(x))

@@ -34,9 +34,8 @@ class SoftmaxFunction(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return y * (g - (g * y).sum(ctx.dim, keepdim=True)), None  # dx = y ⊙ (g − Σ_dim g ⊙ y)
 
 
@@ -64,9 +63,8 @@ class LogSoftmaxFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # softmax is e^y
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return g - y.exp() * g.sum(ctx.dim, keepdim=True), None  # dx = g − e^y Σ_dim g
 
 
