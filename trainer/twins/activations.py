@@ -2,8 +2,6 @@
 
 Branches are ``torch.where`` on native's comparisons, so every edge (x == 0, thresholds, NaN) takes native's side.
 """
-from __future__ import annotations
-
 import math
 
 import torch
@@ -41,7 +39,6 @@ class ReLUFunction(torch.autograd.Function):
 
 
 class CustomReLU(_ElementwiseTwin, nn.ReLU):
-    """``nn.ReLU`` computed by ``ReLUFunction``."""
     function = ReLUFunction
 
 
@@ -163,7 +160,6 @@ class SiLUFunction(torch.autograd.Function):
 
 
 class CustomSiLU(_ElementwiseTwin, nn.SiLU):
-    """``nn.SiLU`` computed by ``SiLUFunction``."""
     function = SiLUFunction
 
 
@@ -188,7 +184,6 @@ class MishFunction(torch.autograd.Function):
 
 
 class CustomMish(_ElementwiseTwin, nn.Mish):
-    """``nn.Mish`` computed by ``MishFunction``."""
     function = MishFunction
 
 
@@ -240,7 +235,6 @@ class SigmoidFunction(torch.autograd.Function):
 
 
 class CustomSigmoid(_ElementwiseTwin, nn.Sigmoid):
-    """``nn.Sigmoid`` computed by ``SigmoidFunction``."""
     function = SigmoidFunction
 
 
@@ -263,7 +257,6 @@ class TanhFunction(torch.autograd.Function):
 
 
 class CustomTanh(_ElementwiseTwin, nn.Tanh):
-    """``nn.Tanh`` computed by ``TanhFunction``."""
     function = TanhFunction
 
 
@@ -288,7 +281,6 @@ class HardsigmoidFunction(torch.autograd.Function):
 
 
 class CustomHardsigmoid(_ElementwiseTwin, nn.Hardsigmoid):
-    """``nn.Hardsigmoid`` computed by ``HardsigmoidFunction``."""
     function = HardsigmoidFunction
 
 
@@ -312,5 +304,4 @@ class HardswishFunction(torch.autograd.Function):
 
 
 class CustomHardswish(_ElementwiseTwin, nn.Hardswish):
-    """``nn.Hardswish`` computed by ``HardswishFunction``."""
     function = HardswishFunction

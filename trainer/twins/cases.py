@@ -130,15 +130,14 @@ def _emb(**kw):
 
 
 # with a padding row that is read, native's grads are not the forward's derivative (that row's is 0): no gradcheck
-embedding = [
-    Case("embedding", _emb(), indices([0, 2, 2], [4, 1, 2])),
-    Case("embedding-1d-indices", lambda: nn.Embedding(4, 2), indices(3, 3, 0)),
-    Case("embedding-padding-unused", _emb(padding_idx=1), indices([0, 2, 2], [4, 3, 2])),
-    Case("embedding-padding", _emb(padding_idx=1), indices([1, 2, 1], [4, 1, 2]), gradcheck=False),
-    Case("embedding-padding-negative", _emb(padding_idx=-1), indices([4, 0, 4, 3]), gradcheck=False),
-    Case("embedding-scale-grad-by-freq", _emb(padding_idx=0, scale_grad_by_freq=True), indices([0, 2, 2], [4, 2, 0]),
-         gradcheck=False),
-    Case("embedding-max-norm", _emb(max_norm=1.0), indices([0, 2, 2], [4, 1, 2]), gradcheck=False)]
+embedding = [Case("embedding", _emb(), indices([0, 2, 2], [4, 1, 2])),
+             Case("embedding-1d-indices", lambda: nn.Embedding(4, 2), indices(3, 3, 0)),
+             Case("embedding-padding-unused", _emb(padding_idx=1), indices([0, 2, 2], [4, 3, 2])),
+             Case("embedding-padding", _emb(padding_idx=1), indices([1, 2, 1], [4, 1, 2]), gradcheck=False),
+             Case("embedding-padding-negative", _emb(padding_idx=-1), indices([4, 0, 4, 3]), gradcheck=False),
+             Case("embedding-scale-grad-by-freq", _emb(padding_idx=0, scale_grad_by_freq=True),
+                  indices([0, 2, 2], [4, 2, 0]), gradcheck=False),
+             Case("embedding-max-norm", _emb(max_norm=1.0), indices([0, 2, 2], [4, 1, 2]), gradcheck=False)]
 
 
 # --- norm: random affine parameters and running stats, so none is the trivial 1 or 0 ----

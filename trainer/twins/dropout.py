@@ -55,5 +55,4 @@ class CustomDropout(nn.Dropout):
     function = DropoutFunction
 
     def forward(self, x):
-        y, _ = amp.apply(DropoutFunction, amp.KEEP, x, self.p, self.training)
-        return y
+        return amp.apply(DropoutFunction, amp.KEEP, x, self.p, self.training)[0]

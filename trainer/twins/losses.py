@@ -59,7 +59,6 @@ class MSELossFunction(torch.autograd.Function):
 
 
 class CustomMSELoss(nn.MSELoss):
-    """``nn.MSELoss`` computed by ``MSELossFunction``."""
     function = MSELossFunction
 
     def forward(self, input, target):
@@ -89,7 +88,6 @@ class L1LossFunction(torch.autograd.Function):
 
 
 class CustomL1Loss(nn.L1Loss):
-    """``nn.L1Loss`` computed by ``L1LossFunction``."""
     function = L1LossFunction
 
     def forward(self, input, target):
@@ -121,7 +119,6 @@ class HuberLossFunction(torch.autograd.Function):
 
 
 class CustomHuberLoss(nn.HuberLoss):
-    """``nn.HuberLoss`` computed by ``HuberLossFunction``."""
     function = HuberLossFunction
 
     def forward(self, input, target):
@@ -236,7 +233,6 @@ class BCEWithLogitsFunction(torch.autograd.Function):
 
 
 class CustomBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
-    """``nn.BCEWithLogitsLoss`` computed by ``BCEWithLogitsFunction``."""
     function = BCEWithLogitsFunction
 
     def forward(self, input, target):

@@ -56,7 +56,6 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 class CustomLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` computed by ``LayerNormFunction``."""
     function = LayerNormFunction
 
     def forward(self, x):
@@ -64,8 +63,7 @@ class CustomLayerNorm(nn.LayerNorm):
         if x.shape[-k:] != self.normalized_shape:       # a shorter x gives a shorter slice: a mismatch too
             raise RuntimeError(f"Given normalized_shape={list(self.normalized_shape)}, expected input with shape "
                                f"[*, {', '.join(map(str, self.normalized_shape))}], but got input of size{x.shape}")
-        y, _, _ = amp.apply(LayerNormFunction, amp.FP32_ON_CUDA, x, self.weight, self.bias, k, self.eps)
-        return y
+        return amp.apply(LayerNormFunction, amp.FP32_ON_CUDA, x, self.weight, self.bias, k, self.eps)[0]
 
 
 def _channels(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -40,7 +40,6 @@ class SoftmaxFunction(torch.autograd.Function):
 
 
 class CustomSoftmax(nn.Softmax):
-    """``nn.Softmax`` computed by ``SoftmaxFunction``."""
     function = SoftmaxFunction
 
     def forward(self, x):
@@ -69,7 +68,6 @@ class LogSoftmaxFunction(torch.autograd.Function):
 
 
 class CustomLogSoftmax(nn.LogSoftmax):
-    """``nn.LogSoftmax`` computed by ``LogSoftmaxFunction``."""
     function = LogSoftmaxFunction
 
     def forward(self, x):
