@@ -13,8 +13,7 @@ from trainer.twins.amp import in_float32, opmath
 
 
 class _ElementwiseTwin:
-    """``forward`` of the twins of one-tensor activations: ``function`` on x, in x's dtype (``inplace`` is ignored:
-    the output is a new tensor)."""
+    """``forward`` of the one-tensor activation twins: ``function`` on x (``inplace`` is ignored: y is a new tensor)."""
 
     def forward(self, x):
         return amp.apply(self.function, amp.KEEP, x)
@@ -133,7 +132,6 @@ class GELUFunction(torch.autograd.Function):
 
 
 class CustomGELU(nn.GELU):
-    """``nn.GELU`` (both ``approximate`` modes) computed by ``GELUFunction``."""
     function = GELUFunction
 
     def forward(self, x):

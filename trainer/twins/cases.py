@@ -21,8 +21,7 @@ class Case:
         inputs: builds the forward arguments in float64 from a generator (floating ones are cast and get grads).
         gradcheck: False for cases compared with native only (kinks, limits, large inputs).
         train: run the module in train (True) or eval (False) mode.
-        edges: elementwise edge values (inf, NaN, kinks): compared with native where native agrees with itself
-            element by element (its vectorized and scalar CPU loops may differ), elsewhere with either answer.
+        edges: edge values (inf, NaN, kinks); where native's vectorized and scalar CPU loops differ, either passes.
     """
 
     id: str

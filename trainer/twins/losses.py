@@ -1,7 +1,5 @@
 """Losses (each also a `loss:` entry): the Function, then its twin; under autocast in float32, like native's.
-
-``r`` below is dL/d(loss element): the incoming grad g, divided by the element count (or weight sum) for ``mean``.
-"""
+``r`` below is dL/d(loss element): the incoming grad g, divided by the element count (or weight sum) for ``mean``."""
 from __future__ import annotations
 
 import warnings
@@ -196,7 +194,6 @@ def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
 
 
 class CustomCrossEntropyLoss(nn.CrossEntropyLoss):
-    """``nn.CrossEntropyLoss`` computed by ``CrossEntropyFunction`` (class indices or probabilities)."""
     function = CrossEntropyFunction
 
     def forward(self, input, target):
