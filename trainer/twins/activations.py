@@ -1,7 +1,5 @@
 """Elementwise activations: per op the Function (forward = the formula, backward = its derivative), then its twin.
-
-Branches are ``torch.where`` on native's comparisons, so every edge (x == 0, thresholds, NaN) takes native's side.
-"""
+Branches are ``torch.where`` on native's comparisons, so every edge (x == 0, thresholds, NaN) takes native's side."""
 import math
 
 import torch

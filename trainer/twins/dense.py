@@ -61,11 +61,10 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, W = ctx.saved_tensors
-        (x_shape, W_shape), conv = ctx.shapes, ctx.conv
         need_x, need_W, need_b = ctx.needs_input_grad[:3]
         # dx = convᵀ(g; W) (the adjoint of the convolution), dW = x ⋆ g (x correlated with g), db = Σ_{n,h,w} g
-        dx = torch.nn.grad.conv2d_input(x_shape, W, g, *conv) if need_x else None
-        dW = torch.nn.grad.conv2d_weight(x, W_shape, g, *conv) if need_W else None
+        dx = torch.nn.grad.conv2d_input(ctx.shapes[0], W, g, *ctx.conv) if need_x else None
+        dW = torch.nn.grad.conv2d_weight(x, ctx.shapes[1], g, *ctx.conv) if need_W else None
         db = g.sum((0, 2, 3)) if need_b else None
         return dx, dW, db, None, None, None, None
 
