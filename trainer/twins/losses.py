@@ -16,9 +16,11 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
 
 
-def _per_element(g: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
-    """r for an elementwise loss of n elements: g for none and sum, g / n for mean."""
-    return g / n if reduction == "mean" else g
+def _r(g: torch.Tensor, reduction: str, count: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """r: g, or for mean g / count, and 0 on rows not ``valid`` even if all are (count = 0, a NaN loss, as native)."""
+    if reduction != "mean":
+        return g
+    return g / count if valid is None else torch.where(valid, g / count, 0)
 
 
 def _x_and_t(ctx, dx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -53,7 +55,7 @@ class MSELossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, t, g = map(opmath, (*ctx.saved_tensors, g))
-        return *_x_and_t(ctx, 2 * (x - t) * _per_element(g, ctx.reduction, x.numel())), None  # dx = 2 (x − t) r
+        return *_x_and_t(ctx, 2 * (x - t) * _r(g, ctx.reduction, x.numel())), None  # dx = 2 (x − t) r
 
 
 class CustomMSELoss(nn.MSELoss):
@@ -82,7 +84,7 @@ class L1LossFunction(torch.autograd.Function):
     def backward(ctx, g, _):
         (sign,) = ctx.saved_tensors
         # dx = sign(x − t) r (0 at x == t, as native), dt = −dx (autograd rounds each to its input's dtype)
-        return *_x_and_t(ctx, sign * _per_element(opmath(g), ctx.reduction, sign.numel())), None
+        return *_x_and_t(ctx, sign * _r(opmath(g), ctx.reduction, sign.numel())), None
 
 
 class CustomL1Loss(nn.L1Loss):
@@ -112,7 +114,7 @@ class HuberLossFunction(torch.autograd.Function):
     def backward(ctx, g):
         x, t, g = map(opmath, (*ctx.saved_tensors, g))
         # dx = clamp(x − t, −δ, δ) r, as hardtanh, whose own derivative is 0 at ±δ like native's second derivative
-        dx = F.hardtanh(x - t, -ctx.delta, ctx.delta) * _per_element(g, ctx.reduction, x.numel())
+        dx = F.hardtanh(x - t, -ctx.delta, ctx.delta) * _r(g, ctx.reduction, x.numel())
         return *_x_and_t(ctx, dx), None, None
 
 
@@ -160,22 +162,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         ignore_index, reduction, eps = ctx.options
         cdim = 1 if x.dim() > 1 else 0
         T, valid, count = _class_weights(x, t, w, ignore_index, eps)
-        r = _r(g, valid, count, reduction, cdim)
+        r = _r(g.unsqueeze(cdim) if reduction == "none" else g, reduction, count, valid)  # per row, class dim kept
         # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
         dx = r * (x.softmax(cdim) * T.sum(cdim, keepdim=True) - T) if ctx.needs_input_grad[0] else None
         # dt = −r (1 − ε) w log p, as dT/dt = (1 − ε) w (probabilities only: indices have no grad)
         w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
         dt = -r * (1 - eps) * w * x.log_softmax(cdim) if ctx.needs_input_grad[1] else None
         return dx, dt, None, None, None, None
-
-
-def _r(g, valid, count, reduction, cdim):
-    """r per row, class dim kept; ignored rows get 0 even when every row is (count = 0, a NaN loss, as native)."""
-    if reduction == "none":
-        return g.unsqueeze(cdim)
-    if reduction == "sum":
-        return g
-    return g / count if valid is None else torch.where(valid, g / count, 0)
 
 
 def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
@@ -221,7 +214,7 @@ class BCEWithLogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, t, w, pw, g = map(opmath, (*ctx.saved_tensors, g))
-        r = _per_element(g, ctx.reduction, x.numel()) * (1 if w is None else w)
+        r = _r(g, ctx.reduction, x.numel()) * (1 if w is None else w)
         pw = 1 if pw is None else pw
         # dx = r ((1 − t) σ(x) − pw t σ(−x)), dt = r (log σ(−x) − pw log σ(x))
         dx = r * ((1 - t) * torch.sigmoid(x) - pw * t * torch.sigmoid(-x)) if ctx.needs_input_grad[0] else None
