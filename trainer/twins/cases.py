@@ -143,12 +143,11 @@ embedding = [Case("embedding", _emb(), indices([0, 2, 2], [4, 1, 2])),
 def _randomized(native, *args, **kw):
     def make() -> nn.Module:
         m = native(*args, **kw)
+        bounds = {"weight": (0.5, 1.5), "bias": (-1.0, 1.0), "running_mean": (-1.0, 1.0), "running_var": (0.5, 2.0)}
         with torch.no_grad():
-            for name, init in (("weight", lambda t: t.uniform_(0.5, 1.5)), ("bias", nn.init.normal_),
-                               ("running_mean", lambda t: t.normal_(0, 0.5)),
-                               ("running_var", lambda t: t.uniform_(0.5, 2.0))):
+            for name, (low, high) in bounds.items():
                 if getattr(m, name, None) is not None:
-                    init(getattr(m, name))
+                    getattr(m, name).uniform_(low, high)
         return m
     return make
 

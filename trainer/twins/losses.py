@@ -228,5 +228,4 @@ class CustomBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
     def forward(self, input, target):
         if target.size() != input.size():
             raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-        return amp.apply(BCEWithLogitsFunction, amp.FP32, input, target, self.weight, self.pos_weight,
-                         self.reduction)
+        return amp.apply(BCEWithLogitsFunction, amp.FP32, input, target, self.weight, self.pos_weight, self.reduction)
