@@ -205,7 +205,6 @@ class SoftplusFunction(torch.autograd.Function):
 
 
 class CustomSoftplus(nn.Softplus):
-    """``nn.Softplus`` computed by ``SoftplusFunction``; like native, float32 under CUDA autocast."""
     function = SoftplusFunction
 
     def forward(self, x):

@@ -36,7 +36,6 @@ class LinearFunction(torch.autograd.Function):
 
 
 class CustomLinear(nn.Linear):
-    """``nn.Linear`` computed by ``LinearFunction``; runs in the autocast dtype like native."""
     function = LinearFunction
 
     def forward(self, x):
@@ -85,7 +84,6 @@ def conv2d_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tupl
 
 
 class CustomConv2d(nn.Conv2d):
-    """``nn.Conv2d`` computed by ``Conv2dFunction``; runs in the autocast dtype like native."""
     function = Conv2dFunction
 
     def forward(self, x):
