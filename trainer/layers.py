@@ -16,7 +16,7 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.twins import activations as act
-from trainer.twins import cases, dense, dropout, embedding, losses, norm, softmax
+from trainer.twins import cases, dense, dropout, losses, norm, softmax
 from trainer.twins.cases import Case
 
 __all__ = ["IMPLS", "Case", "LayerSpec", "RegistrationError", "check_mapping", "get", "impl_of", "names", "pair_of",
@@ -238,7 +238,7 @@ register("conv2d", native=nn.Conv2d, custom=dense.CustomConv2d, cases=cases.conv
          saves="x if dW is needed, W if dx is needed")
 register("dropout", native=nn.Dropout, custom=dropout.CustomDropout, cases=cases.dropout,
          saves="bool mask (1 B/elem); nothing if p in {0, 1} or eval")
-register("embedding", native=nn.Embedding, custom=embedding.CustomEmbedding, cases=cases.embedding, saves="indices")
+register("embedding", native=nn.Embedding, custom=dense.CustomEmbedding, cases=cases.embedding, saves="indices")
 register("layer_norm", native=nn.LayerNorm, custom=norm.CustomLayerNorm, cases=cases.layer_norm, reduction=True,
          saves="x, mean, rstd (as native; statistics in float32)")
 # vmap of a training-mode BatchNorm (native too) needs its buffers passed in (functional_call, as

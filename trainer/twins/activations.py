@@ -1,9 +1,5 @@
 """Elementwise activations: per op the Function (forward = the formula, backward = its derivative), then its twin.
-
-Branches are ``torch.where`` on native's comparisons, so every edge (x == 0, thresholds, NaN) takes native's side.
-"""
-from __future__ import annotations
-
+Branches are ``torch.where`` on native's comparisons, so every edge (x == 0, thresholds, NaN) takes native's side."""
 import math
 
 import torch
@@ -12,6 +8,13 @@ from torch import nn
 
 from trainer.twins import amp
 from trainer.twins.amp import in_float32, opmath
+
+
+class _ElementwiseTwin:
+    """``forward`` of the one-tensor activation twins: ``function`` on x (``inplace`` is ignored: y is a new tensor)."""
+
+    def forward(self, x):
+        return amp.apply(self.function, amp.KEEP, x)
 
 
 class ReLUFunction(torch.autograd.Function):
@@ -32,12 +35,8 @@ class ReLUFunction(torch.autograd.Function):
         return torch.where(y <= 0, 0.0, g)
 
 
-class CustomReLU(nn.ReLU):
-    """``nn.ReLU`` computed by ``ReLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomReLU(_ElementwiseTwin, nn.ReLU):
     function = ReLUFunction
-
-    def forward(self, x):
-        return amp.apply(ReLUFunction, amp.KEEP, x)
 
 
 class LeakyReLUFunction(torch.autograd.Function):
@@ -83,9 +82,8 @@ class ELUFunction(torch.autograd.Function):
         ctx.save_for_backward(output if ctx.from_y else x)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        t = opmath(ctx.saved_tensors[0])
+        t, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = alpha e^x where x <= 0 (alpha at 0), else 1; alpha e^x = y + alpha
         slope = t + ctx.alpha if ctx.from_y else ctx.alpha * torch.exp(t)
         return torch.where(t <= 0, g * slope, g), None
@@ -121,9 +119,8 @@ class GELUFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         if ctx.approximate == "tanh":
             # d/dx = (1 + t) / 2 + x/2 (1 - t^2) z', t = tanh z, z' = beta (1 + 3 kappa x^2)
             t = torch.tanh(BETA * (x + KAPPA * x**3))
@@ -133,7 +130,6 @@ class GELUFunction(torch.autograd.Function):
 
 
 class CustomGELU(nn.GELU):
-    """``nn.GELU`` (both ``approximate`` modes) computed by ``GELUFunction``."""
     function = GELUFunction
 
     def forward(self, x):
@@ -153,19 +149,14 @@ class SiLUFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         s = torch.sigmoid(x)
         return g * s * (1 + x * (1 - s))  # d/dx = s (1 + x (1 - s)), s = sigmoid(x)
 
 
-class CustomSiLU(nn.SiLU):
-    """``nn.SiLU`` computed by ``SiLUFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomSiLU(_ElementwiseTwin, nn.SiLU):
     function = SiLUFunction
-
-    def forward(self, x):
-        return amp.apply(SiLUFunction, amp.KEEP, x)
 
 
 class MishFunction(torch.autograd.Function):
@@ -181,20 +172,15 @@ class MishFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = T + x sigmoid(x) (1 - T^2), T = tanh(softplus x) (softplus, not log(1 + e^x), stays finite)
         t = torch.tanh(F.softplus(x))
         return g * (t + x * torch.sigmoid(x) * (1 - t * t))
 
 
-class CustomMish(nn.Mish):
-    """``nn.Mish`` computed by ``MishFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomMish(_ElementwiseTwin, nn.Mish):
     function = MishFunction
-
-    def forward(self, x):
-        return amp.apply(MishFunction, amp.KEEP, x)
 
 
 class SoftplusFunction(torch.autograd.Function):
@@ -212,15 +198,13 @@ class SoftplusFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = 1 if beta x > threshold (strictly, as native) else sigmoid(beta x)
         return torch.where(x * ctx.beta > ctx.threshold, g, g * torch.sigmoid(x * ctx.beta)), None, None
 
 
 class CustomSoftplus(nn.Softplus):
-    """``nn.Softplus`` computed by ``SoftplusFunction``; like native, float32 under CUDA autocast."""
     function = SoftplusFunction
 
     def forward(self, x):
@@ -240,18 +224,13 @@ class SigmoidFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # the derivative needs y only, which the next layer keeps anyway
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return g * (1 - y) * y  # d/dx = y (1 - y)
 
 
-class CustomSigmoid(nn.Sigmoid):
-    """``nn.Sigmoid`` computed by ``SigmoidFunction``."""
+class CustomSigmoid(_ElementwiseTwin, nn.Sigmoid):
     function = SigmoidFunction
-
-    def forward(self, x):
-        return amp.apply(SigmoidFunction, amp.KEEP, x)
 
 
 class TanhFunction(torch.autograd.Function):
@@ -267,18 +246,13 @@ class TanhFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # the derivative needs y only, which the next layer keeps anyway
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return g * (1 - y * y)  # d/dx = 1 - y^2
 
 
-class CustomTanh(nn.Tanh):
-    """``nn.Tanh`` computed by ``TanhFunction``."""
+class CustomTanh(_ElementwiseTwin, nn.Tanh):
     function = TanhFunction
-
-    def forward(self, x):
-        return amp.apply(TanhFunction, amp.KEEP, x)
 
 
 class HardsigmoidFunction(torch.autograd.Function):
@@ -301,12 +275,8 @@ class HardsigmoidFunction(torch.autograd.Function):
         return torch.where((x > -3) & (x < 3), g / 6, 0.0)
 
 
-class CustomHardsigmoid(nn.Hardsigmoid):
-    """``nn.Hardsigmoid`` computed by ``HardsigmoidFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomHardsigmoid(_ElementwiseTwin, nn.Hardsigmoid):
     function = HardsigmoidFunction
-
-    def forward(self, x):
-        return amp.apply(HardsigmoidFunction, amp.KEEP, x)
 
 
 class HardswishFunction(torch.autograd.Function):
@@ -322,16 +292,11 @@ class HardswishFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0])
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x = opmath(ctx.saved_tensors[0])
+        x, g = opmath(ctx.saved_tensors[0]), opmath(g)
         # d/dx = 0 up to -3 (at -3 too), x/3 + 1/2 on the open interval (-3, 3), 1 from 3 on (at 3 too), as native
         return torch.where(x <= -3, 0.0, torch.where(x < 3, g * (x / 3 + 0.5), g))
 
 
-class CustomHardswish(nn.Hardswish):
-    """``nn.Hardswish`` computed by ``HardswishFunction`` (``inplace`` is ignored: the output is a new tensor)."""
+class CustomHardswish(_ElementwiseTwin, nn.Hardswish):
     function = HardswishFunction
-
-    def forward(self, x):
-        return amp.apply(HardswishFunction, amp.KEEP, x)

@@ -22,21 +22,16 @@ def opmath(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.float() if t is not None and t.dtype in LOW else t
 
 
-def as_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """``t`` in ``dtype``, without a copy when it already is (None stays None: a grad not asked for)."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
 def in_float32(fn: Callable) -> Callable:
-    """``fn`` computed in float32 when a tensor argument is half or bfloat16, each tensor it returns rounded once
-    to that dtype, as native kernels compute ("opmath"). Wraps a forward formula or a backward (whose saved
-    tensors, not arguments, are read through ``opmath``); in any other dtype ``fn`` runs as it is."""
+    """A forward formula ``fn`` computed in float32 when a tensor argument is half or bfloat16, its output rounded
+    once to that dtype, as native kernels compute ("opmath"); in any other dtype ``fn`` runs as it is. A backward
+    reads its saved tensors and g through ``opmath`` instead: autograd rounds each grad to its input's dtype."""
     @functools.wraps(fn)
     def wrapped(*args):
         low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in LOW), None)
         if low is None:
             return fn(*args)
-        out = fn(*(opmath(a) if isinstance(a, torch.Tensor) else a for a in args))
-        return out.to(low) if isinstance(out, torch.Tensor) else tuple(as_dtype(t, low) for t in out)
+        return fn(*(opmath(a) if isinstance(a, torch.Tensor) else a for a in args)).to(low)
     return wrapped
 
 

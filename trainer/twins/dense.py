@@ -1,4 +1,4 @@
-"""Linear and Conv2d: the Function, then its twin."""
+"""Linear, Conv2d and Embedding (a Linear on one-hot inputs): per layer the Function, then its twin."""
 from __future__ import annotations
 
 import torch
@@ -36,7 +36,6 @@ class LinearFunction(torch.autograd.Function):
 
 
 class CustomLinear(nn.Linear):
-    """``nn.Linear`` computed by ``LinearFunction``; runs in the autocast dtype like native."""
     function = LinearFunction
 
     def forward(self, x):
@@ -61,14 +60,11 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, W = ctx.saved_tensors
-        # what a grad not asked for would read is only a shape (as in torch.nn.grad.conv2d_input)
-        x = g.new_empty(1).expand(ctx.shapes[0]) if x is None else x
-        W = g.new_empty(1).expand(ctx.shapes[1]) if W is None else W
-        # dx = convᵀ(g; W) (the adjoint of the convolution), dW = x ⋆ g (x correlated with g), db = Σ_{n,h,w} g,
-        # by ATen's convolution_backward, the op behind torch.nn.grad.conv2d_input and conv2d_weight
-        stride, padding, dilation, groups = ctx.conv
-        dx, dW, db = torch.ops.aten.convolution_backward(g, x, W, [W.shape[0]], stride, padding, dilation,
-                                                         False, [0, 0], groups, ctx.needs_input_grad[:3])
+        need_x, need_W, need_b = ctx.needs_input_grad[:3]
+        # dx = convᵀ(g; W) (the adjoint of the convolution), dW = x ⋆ g (x correlated with g), db = Σ_{n,h,w} g
+        dx = torch.nn.grad.conv2d_input(ctx.shapes[0], W, g, *ctx.conv) if need_x else None
+        dW = torch.nn.grad.conv2d_weight(x, ctx.shapes[1], g, *ctx.conv) if need_W else None
+        db = g.sum((0, 2, 3)) if need_b else None
         return dx, dW, db, None, None, None, None
 
 
@@ -88,7 +84,6 @@ def conv2d_padding(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tupl
 
 
 class CustomConv2d(nn.Conv2d):
-    """``nn.Conv2d`` computed by ``Conv2dFunction``; runs in the autocast dtype like native."""
     function = Conv2dFunction
 
     def forward(self, x):
@@ -97,3 +92,47 @@ class CustomConv2d(nn.Conv2d):
         y = amp.apply(Conv2dFunction, amp.LOWER, x, self.weight, self.bias,
                       self.stride, padding, self.dilation, self.groups)
         return y.squeeze(0) if unbatched else y
+
+
+class EmbeddingFunction(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(idx, W, padding_idx, scale_grad_by_freq):
+        # y[...] = W[idx[...]]: (...) -> (..., D)
+        return W[idx]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        idx, W, ctx.padding_idx, ctx.scale_grad_by_freq = inputs
+        ctx.save_for_backward(idx)  # W itself is never read back, only its row count
+        ctx.num_weights = W.shape[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        (idx,) = ctx.saved_tensors
+        idx, g = idx.reshape(-1), g.reshape(-1, g.shape[-1])  # one row of g per index
+        # dW[v] = Σ_{n: idx[n] = v} g[n], ÷ count(v) with scale_grad_by_freq; 0 for the padding row (native's choice)
+        if ctx.scale_grad_by_freq:
+            count = g.new_zeros(ctx.num_weights).index_add(0, idx, torch.ones_like(idx, dtype=g.dtype))
+            g = g / count[idx].unsqueeze(1)
+        if ctx.padding_idx is not None:
+            g = torch.where((idx == ctx.padding_idx).unsqueeze(1), 0, g)
+        dW = g.new_zeros(ctx.num_weights, g.shape[1]).index_add(0, idx, g)
+        return None, dW, None, None
+
+
+class CustomEmbedding(nn.Embedding):
+    """``nn.Embedding`` computed by ``EmbeddingFunction``; ``max_norm`` renormalizes the looked-up rows in place
+    first, as ``F.embedding`` does. ``sparse=True`` is refused: the twin's gradient is always dense."""
+    function = EmbeddingFunction
+
+    def forward(self, idx):
+        if self.sparse:
+            raise NotImplementedError("CustomEmbedding does not support sparse=True (its gradient is dense); "
+                                      "use the native layer for this model (layers: {embedding: native})")
+        if self.max_norm is not None:
+            idx = idx.contiguous()
+            with torch.no_grad():
+                torch.embedding_renorm_(self.weight, idx, self.max_norm, self.norm_type)
+        return amp.apply(EmbeddingFunction, amp.KEEP, idx, self.weight, self.padding_idx, self.scale_grad_by_freq)

@@ -18,8 +18,7 @@ class DropoutFunction(torch.autograd.Function):
     """``y = x m / (1 - p)`` with m ~ Bernoulli(1 - p), or x itself (a view) when not ``train`` or ``p == 0``.
 
     Returns ``(y, m)``: the bool mask (1 B/elem) is an output so that it can be saved, None when nothing is random.
-    Multiplying by m keeps native's ``x * 0`` where it drops (-0, NaN for inf).
-    """
+    Multiplying by m keeps native's ``x * 0`` where it drops (-0, NaN for inf)."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -55,5 +54,4 @@ class CustomDropout(nn.Dropout):
     function = DropoutFunction
 
     def forward(self, x):
-        y, _ = amp.apply(DropoutFunction, amp.KEEP, x, self.p, self.training)
-        return y
+        return amp.apply(DropoutFunction, amp.KEEP, x, self.p, self.training)[0]

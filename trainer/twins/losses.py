@@ -1,7 +1,5 @@
 """Losses (each also a `loss:` entry): the Function, then its twin; under autocast in float32, like native's.
-
-``r`` below is dL/d(loss element): the incoming grad g, divided by the element count (or weight sum) for ``mean``.
-"""
+``r`` below is dL/d(loss element): the incoming grad g, divided by the element count (or weight sum) for ``mean``."""
 from __future__ import annotations
 
 import warnings
@@ -12,16 +10,17 @@ from torch import nn
 
 from trainer.twins import amp
 from trainer.twins.amp import in_float32, opmath
-from trainer.twins.softmax import log_softmax, softmax
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     return loss if reduction == "none" else loss.sum() if reduction == "sum" else loss.mean()
 
 
-def _per_element(g: torch.Tensor, reduction: str, n: int) -> torch.Tensor:
-    """r for an elementwise loss of n elements: g for none and sum, g / n for mean."""
-    return g / n if reduction == "mean" else g
+def _r(g: torch.Tensor, reduction: str, count: int | torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """r: g, or for mean g / count, and 0 on rows not ``valid`` even if all are (count = 0, a NaN loss, as native)."""
+    if reduction != "mean":
+        return g
+    return g / count if valid is None else torch.where(valid, g / count, 0)
 
 
 def _x_and_t(ctx, dx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -54,14 +53,12 @@ class MSELossFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], inputs[1])  # as native
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t = map(opmath, ctx.saved_tensors)
-        return *_x_and_t(ctx, 2 * (x - t) * _per_element(g, ctx.reduction, x.numel())), None  # dx = 2 (x − t) r
+        x, t, g = map(opmath, (*ctx.saved_tensors, g))
+        return *_x_and_t(ctx, 2 * (x - t) * _r(g, ctx.reduction, x.numel())), None  # dx = 2 (x − t) r
 
 
 class CustomMSELoss(nn.MSELoss):
-    """``nn.MSELoss`` computed by ``MSELossFunction``."""
     function = MSELossFunction
 
     def forward(self, input, target):
@@ -79,24 +76,18 @@ class L1LossFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.reduction, ctx.dtypes = inputs[2], (inputs[0].dtype, inputs[1].dtype)
+        ctx.reduction = inputs[2]
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
-        ctx.set_materialize_grads(False)  # no zeros for the sign's (never used) grad
 
     @staticmethod
     def backward(ctx, g, _):
         (sign,) = ctx.saved_tensors
-        if g is None:
-            return None, None, None
-        # dx = sign(x − t) r (0 at x == t, as native), dt = −dx
-        dx = sign * _per_element(opmath(g), ctx.reduction, sign.numel())
-        return (dx.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None,
-                (-dx).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None, None)
+        # dx = sign(x − t) r (0 at x == t, as native), dt = −dx (autograd rounds each to its input's dtype)
+        return *_x_and_t(ctx, sign * _r(opmath(g), ctx.reduction, sign.numel())), None
 
 
 class CustomL1Loss(nn.L1Loss):
-    """``nn.L1Loss`` computed by ``L1LossFunction``."""
     function = L1LossFunction
 
     def forward(self, input, target):
@@ -120,16 +111,14 @@ class HuberLossFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], inputs[1])  # as native
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t = map(opmath, ctx.saved_tensors)
+        x, t, g = map(opmath, (*ctx.saved_tensors, g))
         # dx = clamp(x − t, −δ, δ) r, as hardtanh, whose own derivative is 0 at ±δ like native's second derivative
-        dx = F.hardtanh(x - t, -ctx.delta, ctx.delta) * _per_element(g, ctx.reduction, x.numel())
+        dx = F.hardtanh(x - t, -ctx.delta, ctx.delta) * _r(g, ctx.reduction, x.numel())
         return *_x_and_t(ctx, dx), None, None
 
 
 class CustomHuberLoss(nn.HuberLoss):
-    """``nn.HuberLoss`` computed by ``HuberLossFunction``."""
     function = HuberLossFunction
 
     def forward(self, input, target):
@@ -141,18 +130,13 @@ def _class_weights(x, t, w, ignore_index, eps):
     (``valid``) whose class y is not ignore_index, else 0 (count = Σ_valid w_y, what ``mean`` divides by); or for
     probabilities t, T = w ⊙ ((1 − ε) t + ε / C) (count = the number of rows, valid None). Class dim 1 (0 unbatched)."""
     cdim = 1 if x.dim() > 1 else 0
-    C = x.shape[cdim]
-    along_classes = (-1, *[1] * (x.dim() - cdim - 1))
+    C, along_classes = x.shape[cdim], (-1, *[1] * (x.dim() - cdim - 1))
+    w = 1 if w is None else w.view(along_classes)
     if t.is_floating_point():
-        T, valid = (1 - eps) * t + eps / C, None
-    else:
-        valid = (t != ignore_index).unsqueeze(cdim)
-        onehot = (torch.arange(C, device=x.device).view(along_classes) == t.unsqueeze(cdim)) & valid
-        T = (1 - eps) * onehot.to(x.dtype) + eps / C * valid.to(x.dtype)
-    T = T if w is None else T * w.view(along_classes)
-    if valid is None:
-        return T, None, x.numel() // C
-    return T, valid, (onehot.sum() if w is None else (onehot * w.view(along_classes)).sum())
+        return w * ((1 - eps) * t + eps / C), None, x.numel() // C
+    valid = (t != ignore_index).unsqueeze(cdim)
+    onehot = ((torch.arange(C, device=x.device).view(along_classes) == t.unsqueeze(cdim)) & valid).to(x.dtype)
+    return w * ((1 - eps) * onehot + eps / C * valid.to(x.dtype)), valid, (w * onehot).sum()
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -164,7 +148,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(x, t, w, ignore_index, reduction, eps):
         cdim = 1 if x.dim() > 1 else 0
         T, _, count = _class_weights(x, t, w, ignore_index, eps)
-        loss = -(T * log_softmax(x, cdim)).sum(cdim)  # L_n = −Σ_c T[n, c] log p[n, c]
+        loss = -(T * x.log_softmax(cdim)).sum(cdim)  # L_n = −Σ_c T[n, c] log p[n, c]
         return loss.sum() / count if reduction == "mean" else _reduce(loss, reduction)
 
     @staticmethod
@@ -173,30 +157,18 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], t, w)  # the logits (as many bytes as native's log p): log p is recomputed
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t, w = map(opmath, ctx.saved_tensors)
+        x, t, w, g = map(opmath, (*ctx.saved_tensors, g))
         ignore_index, reduction, eps = ctx.options
         cdim = 1 if x.dim() > 1 else 0
-        dx = dt = None
-        if ctx.needs_input_grad[0]:
-            T, valid, count = _class_weights(x, t, w, ignore_index, eps)
-            # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
-            dx = _r(g, valid, count, reduction, cdim) * (softmax(x, cdim) * T.sum(cdim, keepdim=True) - T)
-        if ctx.needs_input_grad[1]:
-            w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
-            # dt = −r (1 − ε) w log p (probabilities only: indices have no grad)
-            dt = -_r(g, None, x.numel() // x.shape[cdim], reduction, cdim) * (1 - eps) * w * log_softmax(x, cdim)
+        T, valid, count = _class_weights(x, t, w, ignore_index, eps)
+        r = _r(g.unsqueeze(cdim) if reduction == "none" else g, reduction, count, valid)  # per row, class dim kept
+        # dx = r (p Σ_c T − T): dL/dlog p = −r T, then log_softmax's backward
+        dx = r * (x.softmax(cdim) * T.sum(cdim, keepdim=True) - T) if ctx.needs_input_grad[0] else None
+        # dt = −r (1 − ε) w log p, as dT/dt = (1 − ε) w (probabilities only: indices have no grad)
+        w = 1 if w is None else w.view(-1, *[1] * (x.dim() - cdim - 1))
+        dt = -r * (1 - eps) * w * x.log_softmax(cdim) if ctx.needs_input_grad[1] else None
         return dx, dt, None, None, None, None
-
-
-def _r(g, valid, count, reduction, cdim):
-    """r per row, class dim kept; ignored rows get 0 even when every row is (count = 0, a NaN loss, as native)."""
-    if reduction == "none":
-        return g.unsqueeze(cdim)
-    if reduction == "sum":
-        return g
-    return g / count if valid is None else torch.where(valid, g / count, 0)
 
 
 def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
@@ -215,7 +187,6 @@ def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
 
 
 class CustomCrossEntropyLoss(nn.CrossEntropyLoss):
-    """``nn.CrossEntropyLoss`` computed by ``CrossEntropyFunction`` (class indices or probabilities)."""
     function = CrossEntropyFunction
 
     def forward(self, input, target):
@@ -241,10 +212,9 @@ class BCEWithLogitsFunction(torch.autograd.Function):
         ctx.save_for_backward(*inputs[:4])  # inputs and buffers only, as native
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        x, t, w, pw = map(opmath, ctx.saved_tensors)
-        r = _per_element(g, ctx.reduction, x.numel()) * (1 if w is None else w)
+        x, t, w, pw, g = map(opmath, (*ctx.saved_tensors, g))
+        r = _r(g, ctx.reduction, x.numel()) * (1 if w is None else w)
         pw = 1 if pw is None else pw
         # dx = r ((1 − t) σ(x) − pw t σ(−x)), dt = r (log σ(−x) − pw log σ(x))
         dx = r * ((1 - t) * torch.sigmoid(x) - pw * t * torch.sigmoid(-x)) if ctx.needs_input_grad[0] else None
@@ -253,11 +223,9 @@ class BCEWithLogitsFunction(torch.autograd.Function):
 
 
 class CustomBCEWithLogitsLoss(nn.BCEWithLogitsLoss):
-    """``nn.BCEWithLogitsLoss`` computed by ``BCEWithLogitsFunction``."""
     function = BCEWithLogitsFunction
 
     def forward(self, input, target):
         if target.size() != input.size():
             raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
-        return amp.apply(BCEWithLogitsFunction, amp.FP32, input, target, self.weight, self.pos_weight,
-                         self.reduction)
+        return amp.apply(BCEWithLogitsFunction, amp.FP32, input, target, self.weight, self.pos_weight, self.reduction)

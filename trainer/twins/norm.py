@@ -1,6 +1,7 @@
 """LayerNorm and BatchNorm1d/2d: the Function, then its twin. Both return their statistics beside y, as native's
 kernels do: outputs, not hidden intermediates, so double backward is exact (each backward adds the statistics' own
-grads' terms). Half types are normalized in float32, with float32 statistics, as native."""
+grads' terms). Half types are normalized in float32, with float32 statistics, as native; autograd rounds each
+grad to its input's dtype."""
 from __future__ import annotations
 
 import math
@@ -9,18 +10,12 @@ import torch
 from torch import nn
 
 from trainer.twins import amp
-from trainer.twins.amp import as_dtype, opmath
+from trainer.twins.amp import opmath
 
 
 def _centered(gh: torch.Tensor, x_hat: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """ĝ − mean(ĝ) − x̂ mean(ĝ x̂), means over ``dims``: a normalization's dx before its rstd factor."""
     return gh - gh.mean(dims, keepdim=True) - x_hat * (gh * x_hat).mean(dims, keepdim=True)
-
-
-def _grads(ctx, dx, dw, db) -> tuple[torch.Tensor | None, ...]:
-    """(dx, dγ, dβ), each only if asked for and in its input's dtype."""
-    return tuple(as_dtype(t if need else None, dtype) for t, need, dtype in zip((dx, dw, db), ctx.needs_input_grad,
-                                                                                  ctx.dtypes))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -41,7 +36,6 @@ class LayerNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias, ctx.ndim, _ = inputs
         ctx.save_for_backward(x, weight, *output[1:])  # as native: x, mean, rstd
-        ctx.dtypes = x.dtype, getattr(weight, "dtype", None), getattr(bias, "dtype", None)
         ctx.set_materialize_grads(False)  # the statistics get a grad only in double backward: None, not zeros
 
     @staticmethod
@@ -58,11 +52,10 @@ class LayerNormFunction(torch.autograd.Function):
         dx = dx if g_rstd is None else dx - g_rstd * rstd * rstd * x_hat / D
         dw = (g * x_hat).sum(batch) if ctx.needs_input_grad[1] else None
         db = g.sum(batch) if ctx.needs_input_grad[2] else None
-        return *_grads(ctx, dx, dw, db), None, None
+        return dx, dw, db, None, None
 
 
 class CustomLayerNorm(nn.LayerNorm):
-    """``nn.LayerNorm`` computed by ``LayerNormFunction``."""
     function = LayerNormFunction
 
     def forward(self, x):
@@ -70,8 +63,7 @@ class CustomLayerNorm(nn.LayerNorm):
         if x.shape[-k:] != self.normalized_shape:       # a shorter x gives a shorter slice: a mismatch too
             raise RuntimeError(f"Given normalized_shape={list(self.normalized_shape)}, expected input with shape "
                                f"[*, {', '.join(map(str, self.normalized_shape))}], but got input of size{x.shape}")
-        y, _, _ = amp.apply(LayerNormFunction, amp.FP32_ON_CUDA, x, self.weight, self.bias, k, self.eps)
-        return y
+        return amp.apply(LayerNormFunction, amp.FP32_ON_CUDA, x, self.weight, self.bias, k, self.eps)[0]
 
 
 def _channels(ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -100,13 +92,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, running_mean, running_var, ctx.eps = inputs
-        ctx.train = running_mean is None
-        if ctx.train:  # as native: x and the batch statistics
-            ctx.save_for_backward(x, weight, *output[1:])
-        else:          # the running stats (constants); x only for dγ
-            ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, running_mean, running_var)
-        ctx.dtypes = x.dtype, getattr(weight, "dtype", None), getattr(bias, "dtype", None)
-        ctx.x_shape = x.shape
+        ctx.train, ctx.x_shape = running_mean is None, x.shape
+        # as native: x and the batch statistics; in eval the running stats (constants), and x only for dγ
+        stats = output[1:] if ctx.train else (running_mean, running_var)
+        ctx.save_for_backward(x if ctx.train or ctx.needs_input_grad[1] else None, weight, *stats)
         ctx.set_materialize_grads(False)  # the statistics get a grad only in double backward: None, not zeros
 
     @staticmethod
@@ -116,16 +105,15 @@ class BatchNormFunction(torch.autograd.Function):
         rstd = (var.view(shape) + ctx.eps).rsqrt()
         x_hat = None if x is None else (opmath(x) - mean.view(shape)) * rstd
         g = rstd.new_zeros(ctx.x_shape) if g is None else opmath(g)
-        k = rstd if w is None else rstd * w.view(shape)
         # train: dx = γ rstd (g − mean(g) − x̂ mean(g x̂)), means over all dims but 1; eval: dx = γ rstd g
-        dx = k * _centered(g, x_hat, dims) if ctx.train else k * g
+        dx = (rstd if w is None else rstd * w.view(shape)) * (_centered(g, x_hat, dims) if ctx.train else g)
         # plus the batch statistics' own grads (double backward): dμ/dx = 1/M, dσ²/dx = 2 (x − μ) / M
         M = g.numel() // g.shape[1]
         dx = dx if g_mean is None else dx + g_mean / M
         dx = dx if g_var is None else dx + g_var * 2 * x_hat / (rstd * M)
         dw = (g * x_hat).sum(dims) if ctx.needs_input_grad[1] else None  # dγ = Σ g x̂
         db = g.sum(dims) if ctx.needs_input_grad[2] else None            # dβ = Σ g
-        return *_grads(ctx, dx, dw, db), None, None, None
+        return dx, dw, db, None, None, None
 
 
 class _BatchNormTwin:
@@ -138,20 +126,17 @@ class _BatchNormTwin:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        # like native: batch statistics in training or without running stats, else the running stats
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # like native: the running stats are used in eval, updated in training if tracked
-        track = not self.training or self.track_running_stats
-        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
         n = x.numel() // x.size(1)
         if batch_stats and n == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-        y, mean, var = amp.apply(BatchNormFunction, amp.KEEP, x, self.weight, self.bias,
-                                 None if batch_stats else running_mean, None if batch_stats else running_var,
-                                 self.eps)
-        if batch_stats and running_mean is not None:
+        running = (None, None) if batch_stats else (self.running_mean, self.running_var)
+        y, mean, var = amp.apply(BatchNormFunction, amp.KEEP, x, self.weight, self.bias, *running, self.eps)
+        if self.training and self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():  # running = (1 − m) running + m batch, with the unbiased batch variance
-                running_mean.mul_(1 - factor).add_(mean.flatten(), alpha=factor)
-                running_var.mul_(1 - factor).add_(var.flatten() * (n / (n - 1)), alpha=factor)
+                self.running_mean.mul_(1 - factor).add_(mean.flatten(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var.flatten() * (n / (n - 1)), alpha=factor)
         return y
 
 

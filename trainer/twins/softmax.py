@@ -19,24 +19,14 @@ def _dim(module: nn.Softmax | nn.LogSoftmax, x: torch.Tensor, name: str) -> int:
     return F._get_softmax_dim(name, x.dim(), 5)
 
 
-def softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    e = (x - x.amax(dim, keepdim=True)).exp()  # softmax(x) = e^z / Σ e^z with z = x − max x (no overflow)
-    return e / e.sum(dim, keepdim=True)
-
-
-def log_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
-    # log softmax(x) = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep precision
-    z = x - x.amax(dim, keepdim=True)
-    return z - z.exp().sum(dim, keepdim=True).log()
-
-
 class SoftmaxFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
     @in_float32
     def forward(x, dim):
-        return softmax(x, dim)
+        e = (x - x.amax(dim, keepdim=True)).exp()  # y = e^z / Σ e^z with z = x − max x (no overflow)
+        return e / e.sum(dim, keepdim=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -44,14 +34,12 @@ class SoftmaxFunction(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return y * (g - (g * y).sum(ctx.dim, keepdim=True)), None  # dx = y ⊙ (g − Σ_dim g ⊙ y)
 
 
 class CustomSoftmax(nn.Softmax):
-    """``nn.Softmax`` computed by ``SoftmaxFunction``."""
     function = SoftmaxFunction
 
     def forward(self, x):
@@ -64,7 +52,9 @@ class LogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @in_float32
     def forward(x, dim):
-        return log_softmax(x, dim)
+        # y = z − log Σ e^z with z = x − max x: no overflow, and (as native) large rows keep precision
+        z = x - x.amax(dim, keepdim=True)
+        return z - z.exp().sum(dim, keepdim=True).log()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -72,14 +62,12 @@ class LogSoftmaxFunction(torch.autograd.Function):
         ctx.save_for_backward(output)  # softmax is e^y
 
     @staticmethod
-    @in_float32
     def backward(ctx, g):
-        y = opmath(ctx.saved_tensors[0])
+        y, g = opmath(ctx.saved_tensors[0]), opmath(g)
         return g - y.exp() * g.sum(ctx.dim, keepdim=True), None  # dx = g − e^y Σ_dim g
 
 
 class CustomLogSoftmax(nn.LogSoftmax):
-    """``nn.LogSoftmax`` computed by ``LogSoftmaxFunction``."""
     function = LogSoftmaxFunction
 
     def forward(self, x):
