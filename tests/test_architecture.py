@@ -26,7 +26,7 @@ LAYERS = [
                                "trainer.components"]),
     ("builder", ["trainer.build", "trainer.data", "trainer.distributed", "trainer.checkpoint", "trainer.logs",
                  "trainer.console", "trainer.monitor"]),
-    ("trainer", ["trainer.loop", "trainer.callbacks"]),
+    ("trainer", ["trainer.loop", "trainer.callbacks", "trainer.resume", "trainer.stops", "trainer.measure"]),
     ("checking tools", ["trainer.check"]),
     ("command line and package", ["trainer.cli", "trainer.__main__", "trainer"]),
 ]
