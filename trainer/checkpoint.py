@@ -132,6 +132,7 @@ class Checkpoints:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._buffers = HostBuffers()
+        self._manifest: dict[str, Any] | None = None
         self._error: CheckpointError | None = None
         self._lock = None
         if lock:
@@ -194,10 +195,15 @@ class Checkpoints:
 
     def _write(self, state: dict[str, Any], step: int, best: bool) -> None:
         path = self.dir / f"step_{step:08d}.pt"
-        manifest = self.manifest()
+        # the manifest as this object last wrote it: read (and the folder made) once, not at every write
+        manifest, self._manifest = self._manifest, None  # kept again once this write is whole
+        first = manifest is None
+        if first:
+            manifest = self.manifest()
         previous = manifest.get("last")
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if first:
+                self.dir.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
             torch.save(state, buf)
             data = buf.getvalue()
@@ -218,6 +224,7 @@ class Checkpoints:
             for p in old:  # only now: until the new manifest and links are in place, the old files are the fallback
                 p.unlink(missing_ok=True)
             fsync_dir(self.dir)  # the renames themselves survive a power cut
+            self._manifest = manifest
         except Exception as e:  # disk full, read-only, a file where the folder should be, ...
             kept = f"the checkpoint of step {previous['step']} is kept" if isinstance(previous, dict) \
                 else "no earlier checkpoint exists"
