@@ -20,6 +20,7 @@ import torch
 from conftest import QUICKSTART, ROOT
 from trainer import Trainer, checkpoint, load_config
 from trainer.cli import main
+from trainer.snapshot import HostBuffers
 
 # dropout, Adam and a scheduler: every piece of state a resume has to restore
 RUN = ["model={name: mlp, in_features: 10, out_features: 1, hidden: [32, 32], dropout: 0.1}",
@@ -296,3 +297,38 @@ def test_huge_but_finite_weights_pass_the_check_before_a_save_and_an_inf_does_no
         trainer.model.weight[0, 3] = float("inf")
     with pytest.raises(NonFiniteLoss, match="the weights are nan by step 0"):
         trainer.check_finite(weights=True)
+
+
+def test_snapshots_reuse_the_previous_ones_host_memory_and_still_hold_the_state_of_their_moment():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 3))
+    model[1].weight = torch.nn.Parameter(model[0].weight.t())  # tied: one storage, two views
+    buffers = HostBuffers()
+    first = buffers.take({"model": model.state_dict()})
+    assert serialized(first) == serialized({"model": model.state_dict()})
+    storages = {t.untyped_storage().data_ptr() for t in first["model"].values()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[0].bias = torch.nn.Parameter(torch.zeros(5))  # a new storage of another size: not reused
+    second = buffers.take({"model": model.state_dict()})
+    assert serialized(second) == serialized({"model": model.state_dict()})
+    assert second["model"]["0.weight"].untyped_storage().data_ptr() in storages  # the same host memory, new values
+    assert second["model"]["0.bias"].untyped_storage().data_ptr() not in storages
+    assert second["model"]["1.weight"].untyped_storage().data_ptr() == second["model"]["0.weight"].data_ptr()
+
+
+def test_one_writer_thread_serves_every_background_save_and_ends_with_close(tmp_path):
+    def writers():
+        return [t for t in threading.enumerate() if t.name.startswith("checkpoint-writer")]
+
+    ckpts = checkpoint.Checkpoints(tmp_path, keep=2)
+    idents = set()
+    for step in range(1, 5):
+        ckpts.save({"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "step": step}, step)
+        idents |= {t.ident for t in writers()}
+    ckpts.wait()
+    assert len(idents) == 1 and writers()
+    ckpts.close()
+    assert not writers()
+    state, path, problems = checkpoint.Checkpoints(tmp_path).load()
+    assert state["step"] == 4 and torch.equal(state["model"]["w"], torch.full((3,), 4.0)) and problems == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000003.pt", "step_00000004.pt"]
