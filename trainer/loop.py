@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,13 +17,14 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint, console, distributed
+from trainer import checkpoint, console, distributed, targets
 from trainer.build import build, seed_everything  # noqa: F401  (seed_everything: also the loop's public name)
 from trainer.callbacks import Callback, built_in
 from trainer.config import Config, load_config
 from trainer.errors import ConfigError
 from trainer.logs import RunLog, flatten, hparams_first
 from trainer.monitor import Monitor
+from trainer.stops import Interrupted, InterruptedTwice, Stops  # noqa: F401  (the loop's public names)
 
 
 @dataclass
@@ -57,22 +56,6 @@ class NonFiniteLoss(RuntimeError):
 
     def __str__(self) -> str:
         return super().__str__() + (f"; {self.diagnosis}" if self.diagnosis else "")
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; the current step finished and a checkpoint was saved."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
-
-
-class InterruptedTwice(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM arrived before the first one's checkpoint was saved: stopped at once."""
-
-    def __init__(self, signum: int, first: int):
-        self.signum, self.first = signum, first
-        super().__init__(f"interrupted twice by {signal.Signals(signum).name}; stopped without saving")
 
 
 NULL = contextlib.nullcontext()  # reusable: entering it does nothing
@@ -144,7 +127,7 @@ class Trainer:
         self.checkpoints: checkpoint.Checkpoints | None = None
         self.log = RunLog(None, total=None, initial=0, progress=False, enabled=False)  # fit() opens the run's own
         self._rng: dict[str, Any] | None = None
-        self._signal: int | None = None
+        self.stops = Stops()  # SIGINT, SIGTERM, SIGUSR1
         self._window: list[torch.Tensor] = []
         self._skipped = self._samples = 0
         self._validated_at = self._saved_at = -1
@@ -232,22 +215,22 @@ class Trainer:
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
         self._clock = time.perf_counter()
-        try:
-            with self.signals():
+        with self.stops.installed():  # the clean-up too: a signal during it must not cut it short
+            try:
                 while not self.finished():
                     self.train_epoch()
                 self.finish()
                 self.checkpoints.wait()  # the last checkpoint is on disk before fit returns
-        except BaseException as e:
-            self.log.close()
-            self.checkpoints.close()  # the NaN diagnosis replays the run from its checkpoints
-            e.run_dir = self.run_dir  # the CLI's message names it, with the command that resumes it
-            for cb in self.callbacks:
-                cb.on_error(self, e)
-            raise
-        finally:
-            self.checkpoints.close()
-            self.log.close()
+            except BaseException as e:
+                self.log.close()
+                self.checkpoints.close()  # the NaN diagnosis replays the run from its checkpoints
+                e.run_dir = self.run_dir  # the CLI's message names it, with the command that resumes it
+                for cb in self.callbacks:
+                    cb.on_error(self, e)
+                raise
+            finally:
+                self.checkpoints.close()
+                self.log.close()
         result = self.result(started, self.stop_reason())
         if self.report:
             console.say(console.summary(result, self.label))
@@ -291,7 +274,10 @@ class Trainer:
         for group in self.batch_groups():
             for cb in self.callbacks:
                 cb.before_step(self)
-            loss = self.train_step(group)
+            try:
+                loss = self.train_step(group)
+            except (IndexError, RuntimeError) as e:  # a class index out of range is named, not a traceback
+                raise targets.explain(self, group, e) or e
             self._window.append(loss)
             self.batch_in_epoch += len(group)
             self.step += 1
@@ -318,7 +304,9 @@ class Trainer:
         """
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip = self.batch_in_epoch * self.cfg.data.batch_size
-        batches = iter(self.train_loader)
+        batches = self.stops.received(self.train_loader)  # with workers: a second signal waits for the batch
+        if self.device.type == "cuda":  # a bad class index would be a device-side assert: checked on the host
+            batches = targets.on_host(self, batches)
         while self.batch_in_epoch < self.batches_per_epoch and not self.finished():
             yield list(islice(batches, min(self.cfg.train.accumulate, self.batches_per_epoch - self.batch_in_epoch)))
 
@@ -332,16 +320,16 @@ class Trainer:
             self.save()
         if log.histograms_every and step % log.histograms_every == 0:
             self.log.histograms(step, self.model)
-        # SIGINT/SIGTERM: one process stops after this step; under DDP every rank must stop at the same
+        # a stop signal: one process stops after this step; under DDP every rank must stop at the same
         # step, so they vote at the log cadence
         if self.env.distributed:
-            stop = step % log.every == 0 and distributed.any_rank(self._signal is not None, self.env)
+            stop = step % log.every == 0 and distributed.any_rank(self.stops.first is not None, self.env)
         else:
-            stop = self._signal is not None
+            stop = self.stops.first is not None
         if stop:
             self.save()
             self.checkpoints.wait()
-            raise Interrupted(self._signal or signal.SIGTERM)
+            raise self.stops.interrupted()
 
     def finished(self) -> bool:
         t = self.cfg.train
@@ -419,7 +407,7 @@ class Trainer:
         self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
         classes = False
-        for x, y in self.val_loader:
+        for x, y in self.stops.received(self.val_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast:
                 out = self.model(x)
@@ -527,22 +515,3 @@ class Trainer:
     def no_sync(self):
         """DDP's no_sync (gradients stay local until the last micro-batch); nothing on one process."""
         return self.ddp.no_sync() if self.env.distributed else NULL
-
-    @contextlib.contextmanager
-    def signals(self):
-        """SIGINT/SIGTERM finish the current step, save and stop; a second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._signal is not None:
-                raise InterruptedTwice(signum, self._signal)
-            self._signal = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
