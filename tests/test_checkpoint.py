@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import io
 import json
 import os
@@ -296,3 +297,26 @@ def test_huge_but_finite_weights_pass_the_check_before_a_save_and_an_inf_does_no
         trainer.model.weight[0, 3] = float("inf")
     with pytest.raises(NonFiniteLoss, match="the weights are nan by step 0"):
         trainer.check_finite(weights=True)
+
+
+@pytest.mark.parametrize("keys", [("model",), ("model", "optimizer", "step")], ids=["model-only", "no-rng"])
+def test_a_checkpoint_that_verifies_but_lacks_keys_is_one_error_line_naming_the_file_and_keys(tmp_path, quick, keys):
+    """A file saved by hand (its sha256 put in the manifest, so it verifies) that cannot resume a run."""
+    run = Trainer(quick("train.max_steps=2")).fit()
+    ckpts = run.run_dir / "checkpoints"
+    full = torch.load(ckpts / "last.pt", weights_only=True)
+    for p in ckpts.glob("*.pt"):
+        p.unlink()
+    data = serialized({k: full[k] for k in keys})
+    (ckpts / "step_00000002.pt").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    (ckpts / "manifest.json").write_text(json.dumps({"files": {"step_00000002.pt": {"step": 2, "sha256": digest}},
+                                                     "last": {"file": "step_00000002.pt", "step": 2,
+                                                              "sha256": digest}}))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "run", "--resume", str(run.run_dir)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    missing = [k for k in checkpoint.REQUIRED if k not in keys]
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: --resume: no usable checkpoint in {ckpts}: checkpoints/step_00000002.pt "
+                                  f"lacks the keys {', '.join(missing)}"), proc.stderr

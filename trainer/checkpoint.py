@@ -23,6 +23,7 @@ from trainer.errors import ConfigError
 
 LAST = "last.pt"
 BEST = "best.pt"
+REQUIRED = ("model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "rng")  # what a resume reads
 
 
 def create_run_dir(log_dir: str | os.PathLike, name: str) -> Path:
@@ -297,8 +298,11 @@ def verify(path: Path, sha256: str | None) -> dict[str, Any] | str:
         return f"holds Python objects that torch.load(weights_only=True) refuses ({str(e).splitlines()[0][:120]})"
     except Exception as e:
         return f"is truncated or not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
-        return "is not a trainer checkpoint (no model, optimizer and step)"
+    if not isinstance(state, dict):
+        return f"is not a trainer checkpoint (it holds a {type(state).__name__}, not a dict)"
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:  # e.g. a file saved by hand with only the model: it verifies, but cannot resume a run
+        return f"lacks the keys {', '.join(missing)} (a trainer checkpoint holds {', '.join(REQUIRED)})"
     return state
 
 
