@@ -121,6 +121,17 @@ def how_to_go_on(e: BaseException) -> str:
     return f" [run directory {run_dir}; to resume: {console_resume(run_dir)}]"
 
 
+def check_writable(path) -> None:
+    """Raise ConfigError (``--json``) unless ``path`` can be written as a file: not a folder, in a writable folder."""
+    if path.is_dir():
+        raise ConfigError("--json", f"{path} is a folder, not a file",
+                          suggestion=f"name a file, e.g. {path / 'compare.json'}")
+    if not path.resolve().parent.is_dir():
+        raise ConfigError("--json", f"no folder for {path}", suggestion="create the folder first")
+    if not os.access(path if path.exists() else path.resolve().parent, os.W_OK):
+        raise ConfigError("--json", f"cannot write {path} (no permission)", suggestion="name a file you can write")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -130,8 +141,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
+    if args.json:  # before any work or output: a report that cannot be written is known now
+        check_writable(Path(args.json))
     if args.steps is not None:
         from trainer.check.lockstep import run_lockstep
 
