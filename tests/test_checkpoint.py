@@ -270,7 +270,7 @@ def test_the_lock_is_held_from_resume_to_the_end_of_fit(tmp_path, quick):
     checkpoint.lock_run_dir(run.run_dir).close()
 
 
-def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, quick):
+def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, quick, capsys):
     run = Trainer(quick("train.max_steps=4", "train.checkpoint_every=2")).fit()
     ckpts = run.run_dir / "checkpoints"
     good = (ckpts / "step_00000004.pt").read_bytes()
@@ -278,9 +278,11 @@ def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, q
     leftovers[0].write_bytes(good[: len(good) // 2])  # a half-written newer checkpoint
     leftovers[1].write_text('{"files": {}, "last": {"file": ".step_00000006.pt.tmp4242", "step": 6}}')
     leftovers[2].write_bytes(b"\0" * 100)
-    trainer = Trainer(quick("train.max_steps=8"), resume=run.run_dir)
+    trainer = Trainer(quick("train.max_steps=8"), resume=run.run_dir, report=True)
     assert trainer.step == 4 and not any(p.exists() for p in leftovers)
     trainer.fit()
+    assert "resuming from step 4 (epoch 0); removed 3 temporary files a killed process left (never read)\n" in (
+        capsys.readouterr().out)
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "manifest.json", "step_00000002.pt",
                                                        "step_00000004.pt", "step_00000008.pt"]
 

@@ -162,12 +162,13 @@ class Checkpoints:
         self._thread: threading.Thread | None = None
         self._error: CheckpointError | None = None
         self._lock = None
+        self.leftovers: list[str] = []  # what a killed process left, removed when the lock was taken
         if lock:
             if not self.dir.parent.is_dir():
                 raise ConfigError("--resume", f"no run directory {str(self.dir.parent)!r}",
                                   suggestion="pass runs/<name>/version_<N>")
             self._lock = lock_run_dir(self.dir.parent)
-            self.remove_temporary_files()  # no other process writes here while the lock is held
+            self.leftovers = self.remove_temporary_files()  # no other process writes here while the lock is held
 
     @property
     def manifest_path(self) -> Path:
@@ -249,12 +250,15 @@ class Checkpoints:
             self._error = CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {e}); "
                                           f"stopped, {kept}")
 
-    def remove_temporary_files(self) -> None:
-        """Delete what a killed writer left: ``.<name>.tmp<pid>`` files, never read by ``load``."""
+    def remove_temporary_files(self) -> list[str]:
+        """Delete what a killed writer left: ``.<name>.tmp<pid>`` files, never read by ``load``; their names."""
+        removed = []
         if self.dir.is_dir():
             for p in self.dir.iterdir():
                 if re.fullmatch(r"\..+\.tmp\d+", p.name):
                     p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return sorted(removed)
 
     def step_files(self) -> list[Path]:
         return [p for p in self.dir.glob("step_*.pt") if _step_of(p) >= 0]

@@ -205,7 +205,8 @@ class Trainer:
         if self.report:
             console.say(console.start_line(self.run_dir, self.label))
             if not fresh:
-                console.say(f"resuming from step {self.step} (epoch {self.epoch})")
+                console.say(f"resuming from step {self.step} (epoch {self.epoch})"
+                            + console.leftovers_note(self.checkpoints.leftovers))
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
                           enabled=env.main)
         if fresh:
