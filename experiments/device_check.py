@@ -58,7 +58,7 @@ class StopAt(Trainer):
 
     def on_step(self) -> None:
         if self.step == self.at:
-            self._signal = signal.SIGINT
+            self.stops.first = signal.SIGINT
         super().on_step()
 
 

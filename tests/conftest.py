@@ -38,12 +38,13 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -> 
 
 
 class StopAt(Trainer):
-    """Delivers a real SIGINT to this process after step ``at``, as Ctrl-C would."""
+    """Delivers a real ``sig`` (SIGINT: as Ctrl-C would) to this process after step ``at``."""
 
     at = 0
+    sig = signal.SIGINT
 
     def train_step(self, batches):
         loss = super().train_step(batches)
         if self.step + 1 == self.at:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(self.sig)
         return loss

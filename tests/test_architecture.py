@@ -25,7 +25,7 @@ LAYERS = [
                                "trainer.optimizers", "trainer.schedulers", "trainer.datasets", "trainer.config",
                                "trainer.components"]),
     ("builder", ["trainer.build", "trainer.data", "trainer.distributed", "trainer.checkpoint", "trainer.logs",
-                 "trainer.console", "trainer.monitor"]),
+                 "trainer.console", "trainer.monitor", "trainer.signals", "trainer.targets", "trainer.snapshot"]),
     ("trainer", ["trainer.loop", "trainer.callbacks", "trainer.resume", "trainer.stops", "trainer.measure"]),
     ("checking tools", ["trainer.check"]),
     ("command line and package", ["trainer.cli", "trainer.__main__", "trainer"]),

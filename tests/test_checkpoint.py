@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import hashlib
 import io
 import json
 import os
@@ -270,7 +271,7 @@ def test_the_lock_is_held_from_resume_to_the_end_of_fit(tmp_path, quick):
     checkpoint.lock_run_dir(run.run_dir).close()
 
 
-def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, quick):
+def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, quick, capsys):
     run = Trainer(quick("train.max_steps=4", "train.checkpoint_every=2")).fit()
     ckpts = run.run_dir / "checkpoints"
     good = (ckpts / "step_00000004.pt").read_bytes()
@@ -278,9 +279,11 @@ def test_resume_removes_what_a_killed_writer_left_and_never_reads_it(tmp_path, q
     leftovers[0].write_bytes(good[: len(good) // 2])  # a half-written newer checkpoint
     leftovers[1].write_text('{"files": {}, "last": {"file": ".step_00000006.pt.tmp4242", "step": 6}}')
     leftovers[2].write_bytes(b"\0" * 100)
-    trainer = Trainer(quick("train.max_steps=8"), resume=run.run_dir)
+    trainer = Trainer(quick("train.max_steps=8"), resume=run.run_dir, report=True)
     assert trainer.step == 4 and not any(p.exists() for p in leftovers)
     trainer.fit()
+    assert "resuming from step 4 (epoch 0); removed 3 temporary files a killed process left (never read)\n" in (
+        capsys.readouterr().out)
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.pt", "manifest.json", "step_00000002.pt",
                                                        "step_00000004.pt", "step_00000008.pt"]
 
@@ -323,7 +326,8 @@ def test_one_writer_thread_serves_every_background_save_and_ends_with_close(tmp_
     ckpts = checkpoint.Checkpoints(tmp_path, keep=2)
     idents = set()
     for step in range(1, 5):
-        ckpts.save({"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "step": step}, step)
+        ckpts.save({"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scaler": {}, "step": step,
+                    "epoch": 0, "batch_in_epoch": step, "rng": {}}, step)
         idents |= {t.ident for t in writers()}
     ckpts.wait()
     assert len(idents) == 1 and writers()
@@ -332,3 +336,26 @@ def test_one_writer_thread_serves_every_background_save_and_ends_with_close(tmp_
     state, path, problems = checkpoint.Checkpoints(tmp_path).load()
     assert state["step"] == 4 and torch.equal(state["model"]["w"], torch.full((3,), 4.0)) and problems == []
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000003.pt", "step_00000004.pt"]
+
+
+@pytest.mark.parametrize("keys", [("model",), ("model", "optimizer", "step")], ids=["model-only", "no-rng"])
+def test_a_checkpoint_that_verifies_but_lacks_keys_is_one_error_line_naming_the_file_and_keys(tmp_path, quick, keys):
+    """A file saved by hand (its sha256 put in the manifest, so it verifies) that cannot resume a run."""
+    run = Trainer(quick("train.max_steps=2")).fit()
+    ckpts = run.run_dir / "checkpoints"
+    full = torch.load(ckpts / "last.pt", weights_only=True)
+    for p in ckpts.glob("*.pt"):
+        p.unlink()
+    data = serialized({k: full[k] for k in keys})
+    (ckpts / "step_00000002.pt").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    (ckpts / "manifest.json").write_text(json.dumps({"files": {"step_00000002.pt": {"step": 2, "sha256": digest}},
+                                                     "last": {"file": "step_00000002.pt", "step": 2,
+                                                              "sha256": digest}}))
+    proc = subprocess.run([sys.executable, "-m", "trainer", "run", "--resume", str(run.run_dir)], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    missing = [k for k in checkpoint.REQUIRED if k not in keys]
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: --resume: no usable checkpoint in {ckpts}: checkpoints/step_00000002.pt "
+                                  f"lacks the keys {', '.join(missing)}"), proc.stderr

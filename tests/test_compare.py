@@ -190,3 +190,14 @@ def test_lockstep_logs_divergence(tmp_path, capsys, layer, code):
         assert scalars(run_dir / side).Tags()["scalars"] == ["lockstep/loss"]
     layout = acc.summary_metadata  # the custom-scalars layout overlays native and custom loss
     assert any(m.plugin_data.plugin_name == "custom_scalars" for m in layout.values())
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_json_to_a_path_that_cannot_be_written_is_one_error_line_before_any_output(tmp_path, where):
+    (tmp_path / "a_file").write_text("")
+    target = {"folder": tmp_path, "under-a-file": tmp_path / "a_file" / "r.json"}[where]
+    proc = run_cli("compare", str(planted_config(tmp_path, "leaky_bad")), "--json", str(target), cwd=HERE)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: --json: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "is a folder" in proc.stderr if where == "folder" else "no folder for" in proc.stderr
+    assert not (tmp_path / "runs").exists()

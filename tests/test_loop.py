@@ -175,14 +175,15 @@ RESUMABLE = ["model={name: mlp, in_features: 10, out_features: 1, hidden: [16, 1
              "data.batch_size=100", "train.max_epochs=3", "layers.default=custom"]
 
 
-def test_resume_mid_epoch_is_bit_exact(quick):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1], ids=["INT", "USR1"])
+def test_resume_mid_epoch_is_bit_exact(quick, sig):
     whole = Trainer(quick(*RESUMABLE))
     whole.fit()
     first = StopAt(quick(*RESUMABLE))
-    first.at = 13  # 9 batches an epoch: mid second epoch
+    first.at, first.sig = 13, sig  # 9 batches an epoch: mid second epoch; SIGUSR1: slurm's pre-emption warning
     with pytest.raises(Interrupted) as e:
         first.fit()
-    assert e.value.signum == signal.SIGINT
+    assert e.value.signum == sig
     saved = torch.load(first.run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert (saved["step"], saved["epoch"], saved["batch_in_epoch"]) == (13, 1, 4)
     resumed = Trainer(quick(*RESUMABLE), resume=first.run_dir)

@@ -23,6 +23,7 @@ from trainer.snapshot import HostBuffers, host_copy  # noqa: F401  (host_copy: a
 
 LAST = "last.pt"
 BEST = "best.pt"
+REQUIRED = ("model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "rng")  # what a resume reads
 
 
 def create_run_dir(log_dir: str | os.PathLike, name: str) -> Path:
@@ -135,12 +136,13 @@ class Checkpoints:
         self._manifest: dict[str, Any] | None = None
         self._error: CheckpointError | None = None
         self._lock = None
+        self.leftovers: list[str] = []  # what a killed process left, removed when the lock was taken
         if lock:
             if not self.dir.parent.is_dir():
                 raise ConfigError("--resume", f"no run directory {str(self.dir.parent)!r}",
                                   suggestion="pass runs/<name>/version_<N>")
             self._lock = lock_run_dir(self.dir.parent)
-            self.remove_temporary_files()  # no other process writes here while the lock is held
+            self.leftovers = self.remove_temporary_files()  # no other process writes here while the lock is held
 
     @property
     def manifest_path(self) -> Path:
@@ -231,12 +233,15 @@ class Checkpoints:
             self._error = CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {e}); "
                                           f"stopped, {kept}")
 
-    def remove_temporary_files(self) -> None:
-        """Delete what a killed writer left: ``.<name>.tmp<pid>`` files, never read by ``load``."""
+    def remove_temporary_files(self) -> list[str]:
+        """Delete what a killed writer left: ``.<name>.tmp<pid>`` files, never read by ``load``; their names."""
+        removed = []
         if self.dir.is_dir():
             for p in self.dir.iterdir():
                 if re.fullmatch(r"\..+\.tmp\d+", p.name):
                     p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return sorted(removed)
 
     def step_files(self) -> list[Path]:
         return [p for p in self.dir.glob("step_*.pt") if _step_of(p) >= 0]
@@ -280,8 +285,11 @@ def verify(path: Path, sha256: str | None) -> dict[str, Any] | str:
         return f"holds Python objects that torch.load(weights_only=True) refuses ({str(e).splitlines()[0][:120]})"
     except Exception as e:
         return f"is truncated or not a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if not isinstance(state, dict) or not {"model", "optimizer", "step"} <= set(state):
-        return "is not a trainer checkpoint (no model, optimizer and step)"
+    if not isinstance(state, dict):
+        return f"is not a trainer checkpoint (it holds a {type(state).__name__}, not a dict)"
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:  # e.g. a file saved by hand with only the model: it verifies, but cannot resume a run
+        return f"lacks the keys {', '.join(missing)} (a trainer checkpoint holds {', '.join(REQUIRED)})"
     return state
 
 

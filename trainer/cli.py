@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from trainer import __version__
@@ -120,6 +121,17 @@ def how_to_go_on(e: BaseException) -> str:
     return f" [run directory {run_dir}; to resume: {console_resume(run_dir)}]"
 
 
+def check_writable(path) -> None:
+    """Raise ConfigError (``--json``) unless ``path`` can be written as a file: not a folder, in a writable folder."""
+    if path.is_dir():
+        raise ConfigError("--json", f"{path} is a folder, not a file",
+                          suggestion=f"name a file, e.g. {path / 'compare.json'}")
+    if not path.resolve().parent.is_dir():
+        raise ConfigError("--json", f"no folder for {path}", suggestion="create the folder first")
+    if not os.access(path if path.exists() else path.resolve().parent, os.W_OK):
+        raise ConfigError("--json", f"cannot write {path} (no permission)", suggestion="name a file you can write")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -129,8 +141,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from trainer.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise ConfigError("--json", f"no folder for {args.json}", suggestion="create the folder first")
+    if args.json:  # before any work or output: a report that cannot be written is known now
+        check_writable(Path(args.json))
     if args.steps is not None:
         from trainer.check.lockstep import run_lockstep
 
@@ -268,7 +280,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside the training loop: while loading, building, or between runs."""
+    """A stop signal outside the training loop: while loading, building, or between runs."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -276,10 +288,28 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop(signum: int, frame) -> None:
+    # Already stopping (a stop the loop raised, or a first Stopped, is unwinding through clean-up code):
+    # that stop and its exit code stand; raising here would cut the clean-up short and replace it.
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):
+        return
+    # Inside an import, an exception can be swallowed (a library's bare ``except:`` around an optional
+    # import) or leave a C extension half-loaded ("cannot load module more than once"): the signal comes
+    # back in 50 ms, until the import is over.
+    if _importing(frame):
+        threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signum)).start()
+        return
     raise Stopped(signum)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: slurm's --signal=USR1@SECONDS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,13 +349,14 @@ def run_command(argv: Sequence[str] | None = None) -> int:
     from trainer.check.shadow import ShadowMismatch
     from trainer.checkpoint import CheckpointError
     from trainer.loop import Interrupted, InterruptedTwice, NonFiniteLoss
+    from trainer.targets import BadTargets
 
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLoss, CheckpointError, ShadowMismatch) as e:
+    except (NonFiniteLoss, BadTargets, CheckpointError, ShadowMismatch) as e:
         ignore_signals()
         print(f"error: {e}{how_to_go_on(e)}", file=sys.stderr)
         return 1

@@ -34,6 +34,13 @@ def progress_line(step: int, total: int | None, epoch: int, epochs: int | None, 
     return f"step {step}{of_steps}  epoch {epoch + 1}{of_epochs}  loss={loss:.4g}  lr={lr:.3g}  samples/s={speed:.0f}"
 
 
+def leftovers_note(names: list[str]) -> str:
+    """``; removed 2 temporary files a killed process left (never read)``, or nothing."""
+    if not names:
+        return ""
+    return f"; removed {plural(len(names), 'temporary file')} a killed process left (never read)"
+
+
 def metrics_text(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()))
 

@@ -39,14 +39,15 @@ class ResumableSampler(DistributedSampler):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's start: SIGINT and SIGTERM sent to the whole process group are for the main process.
+    """A DataLoader worker's start: stop signals sent to the whole process group are for the main process.
 
     Ctrl-C, slurm and systemd signal every process of a job; the main process finishes its step,
-    saves and shuts the workers down itself. So a worker ignores SIGINT and obeys SIGTERM only from
-    its parent (the DataLoader's and multiprocessing's own shutdown): SIGTERM stays blocked, and a
-    thread takes each one with its sender's pid.
+    saves and shuts the workers down itself. So a worker ignores SIGINT and SIGUSR1 and obeys SIGTERM
+    only from its parent (the DataLoader's and multiprocessing's own shutdown): SIGTERM stays blocked,
+    and a thread takes each one with its sender's pid.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # slurm's pre-emption warning, also for the main process
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_obey_parent_sigterm, args=(os.getppid(),), daemon=True).start()

@@ -77,8 +77,9 @@ class RunLog:
 
     def close(self) -> None:
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        writer, self.writer = self.writer, None  # closing twice (an error during the first close) does nothing
+        if writer is not None:
+            writer.close()
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

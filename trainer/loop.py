@@ -5,7 +5,6 @@ Per-step work of one's own attaches through ``trainer.callbacks.Callback``.
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -15,14 +14,15 @@ from typing import Any
 
 import torch
 
-from trainer import checkpoint, console, distributed, measure, resume as resuming, stops
+from trainer import checkpoint, console, distributed, measure, resume as resuming, stops, targets
 from trainer.build import build, seed_everything  # noqa: F401  (seed_everything: also the loop's public name)
 from trainer.callbacks import Callback, built_in
 from trainer.config import Config, load_config
 from trainer.logs import RunLog, flatten, hparams_first
 from trainer.monitor import Monitor
 # the run's result and its stops, importable from here as they always were
-from trainer.stops import FitResult, Interrupted, InterruptedTwice, NonFiniteLoss  # noqa: F401
+from trainer.signals import Interrupted, InterruptedTwice, Stops  # noqa: F401
+from trainer.stops import FitResult, NonFiniteLoss  # noqa: F401
 
 NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
@@ -69,7 +69,7 @@ class Trainer:
         self.checkpoints: checkpoint.Checkpoints | None = None
         self.log = RunLog(None, total=None, initial=0, progress=False, enabled=False)  # fit() opens the run's own
         self._rng: dict[str, Any] | None = None
-        self.signals = stops.StopSignals()
+        self.stops = Stops()  # SIGINT, SIGTERM, SIGUSR1
         self._window: list[torch.Tensor] = []
         self._skipped = self._samples = 0
         self._validated_at = self._saved_at = -1
@@ -138,7 +138,8 @@ class Trainer:
         if self.report:
             console.say(console.start_line(self.run_dir, self.label))
             if not fresh:
-                console.say(f"resuming from step {self.step} (epoch {self.epoch})")
+                console.say(f"resuming from step {self.step} (epoch {self.epoch})"
+                            + console.leftovers_note(self.checkpoints.leftovers))
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
                           enabled=env.main)
         if fresh:
@@ -148,22 +149,22 @@ class Trainer:
         if self._rng is not None:
             checkpoint.set_rng_state(self._rng)
         self._clock = time.perf_counter()
-        try:
-            with self.signals.installed():
+        with self.stops.installed():  # the clean-up too: a signal during it must not cut it short
+            try:
                 while not self.finished():
                     self.train_epoch()
                 self.finish()
                 self.checkpoints.wait()  # the last checkpoint is on disk before fit returns
-        except BaseException as e:
-            self.log.close()
-            self.checkpoints.close()  # the NaN diagnosis replays the run from its checkpoints
-            e.run_dir = self.run_dir  # the CLI's message names it, with the command that resumes it
-            for cb in self.callbacks:
-                cb.on_error(self, e)
-            raise
-        finally:
-            self.checkpoints.close()
-            self.log.close()
+            except BaseException as e:
+                self.log.close()
+                self.checkpoints.close()  # the NaN diagnosis replays the run from its checkpoints
+                e.run_dir = self.run_dir  # the CLI's message names it, with the command that resumes it
+                for cb in self.callbacks:
+                    cb.on_error(self, e)
+                raise
+            finally:
+                self.checkpoints.close()
+                self.log.close()
         result = self.result(started, self.stop_reason())
         if self.report:
             console.say(console.summary(result, self.label))
@@ -185,7 +186,10 @@ class Trainer:
         for group in self.batch_groups():
             for cb in self.callbacks:
                 cb.before_step(self)
-            loss = self.train_step(group)
+            try:
+                loss = self.train_step(group)
+            except (IndexError, RuntimeError) as e:  # a class index out of range is named, not a traceback
+                raise targets.explain(self, group, e) or e
             self._window.append(loss)
             self.batch_in_epoch += len(group)
             self.step += 1
@@ -212,7 +216,9 @@ class Trainer:
         """
         self.sampler.set_epoch(self.epoch)
         self.sampler.skip = self.batch_in_epoch * self.cfg.data.batch_size
-        batches = iter(self.train_loader)
+        batches = self.stops.received(self.train_loader)  # with workers: a second signal waits for the batch
+        if self.device.type == "cuda":  # a bad class index would be a device-side assert: checked on the host
+            batches = targets.on_host(self, batches)
         while self.batch_in_epoch < self.batches_per_epoch and not self.finished():
             yield list(islice(batches, min(self.cfg.train.accumulate, self.batches_per_epoch - self.batch_in_epoch)))
 
@@ -226,16 +232,16 @@ class Trainer:
             self.save()
         if log.histograms_every and step % log.histograms_every == 0:
             self.log.histograms(step, self.model)
-        # SIGINT/SIGTERM: one process stops after this step; under DDP every rank must stop at the same
+        # a stop signal: one process stops after this step; under DDP every rank must stop at the same
         # step, so they vote at the log cadence
         if self.env.distributed:
-            stop = step % log.every == 0 and distributed.any_rank(self.signals.received is not None, self.env)
+            stop = step % log.every == 0 and distributed.any_rank(self.stops.first is not None, self.env)
         else:
-            stop = self.signals.received is not None
+            stop = self.stops.first is not None
         if stop:
             self.save()
             self.checkpoints.wait()
-            raise Interrupted(self.signals.received or signal.SIGTERM)
+            raise self.stops.interrupted()
 
     def finished(self) -> bool:
         return stops.finished(self.cfg.train, self.step, self.epoch, self.stopped_early)
@@ -271,7 +277,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """``val/loss`` (mean over samples) and, for class-index targets, ``val/accuracy``."""
-        return measure.evaluate(self.model, self.loss_fn, self.val_loader, self.autocast, self.device, self.env)
+        return measure.evaluate(self.model, self.loss_fn, self.stops.received(self.val_loader), self.autocast,
+                                self.device, self.env)
 
     def validate(self) -> None:
         if self.val_loader is None:

@@ -1,10 +1,6 @@
-"""How a run ends: its result, the errors that stop it, the signals that ask it to stop, and what it says then."""
+"""How a run ends: its result, the errors that stop it, and what it says then (the signals are in ``signals``)."""
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,48 +37,6 @@ class NonFiniteLoss(RuntimeError):
 
     def __str__(self) -> str:
         return super().__str__() + (f"; {self.diagnosis}" if self.diagnosis else "")
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; the current step finished and a checkpoint was saved."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved")
-
-
-class InterruptedTwice(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM arrived before the first one's checkpoint was saved: stopped at once."""
-
-    def __init__(self, signum: int, first: int):
-        self.signum, self.first = signum, first
-        super().__init__(f"interrupted twice by {signal.Signals(signum).name}; stopped without saving")
-
-
-class StopSignals:
-    """While entered, SIGINT/SIGTERM only set ``received`` (the loop finishes its step, saves, stops);
-    a second one raises ``InterruptedTwice`` at once. Outside the main thread nothing is installed.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-
-    def handler(self, signum, frame) -> None:
-        if self.received is not None:
-            raise InterruptedTwice(signum, self.received)
-        self.received = signum
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
 
 
 def finished(t: TrainConfig, step: int, epoch: int, stopped_early: bool) -> bool:

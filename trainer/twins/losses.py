@@ -172,7 +172,7 @@ class CrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
-    """Native's errors for a mismatched target, which broadcasting would otherwise hide."""
+    """Native's errors for a mismatched target or a class index out of range, which the one-hot would hide."""
     probs = t.is_floating_point()
     if probs and ignore_index >= 0:
         raise RuntimeError("ignore_index is not supported for floating point target")
@@ -184,6 +184,15 @@ def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
     if ts != xs if probs else len(ts) != len(xs) - 1 or ts[1:] != xs[2:]:
         expected = xs if probs else xs[:1] + xs[2:]
         raise RuntimeError(f"Expected target size {list(expected)}, got {list(ts)}")
+    # a class index out of range: native raises (CPU) or asserts on the device (CUDA, no sync); under vmap
+    # (per-sample grads) a data-dependent check cannot run, and native's batching rule does not check either
+    if not probs and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+        bad = ((t < 0) | (t >= xs[1])) & (t != ignore_index)
+        if t.device.type == "cpu":
+            if bad.any():
+                raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")
+        else:
+            torch._assert_async(~bad.any(), "Target is out of bounds.")
 
 
 class CustomCrossEntropyLoss(nn.CrossEntropyLoss):
