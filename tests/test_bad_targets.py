@@ -80,3 +80,11 @@ def test_the_host_side_check_names_the_batch_before_it_reaches_the_device(tmp_pa
     assert (e.value.batch, e.value.value, e.value.classes) == (bad_batch(bad_data), BAD_VALUE, 3)
     assert e.value.step == e.value.batch + 1
     assert "no checkpoint had been saved yet" in str(e.value)
+
+
+def test_the_host_side_check_leaves_a_loss_that_reads_no_class_indices_alone(tmp_path, bad_data):
+    """Integer targets mean class indices only to a loss with ``ignore_index``; a user's own loss is not second-guessed."""
+    trainer = Trainer(load_config(ROOT / "configs" / "classification.yaml", overrides(tmp_path, bad_data)))
+    trainer.loss_fn = lambda out, y: out.sum() * 0  # reads no class index: the "bad" value is its business
+    batches = list(iter(trainer.train_loader))
+    assert len(list(on_host(trainer, iter(batches)))) == len(batches)

@@ -80,8 +80,14 @@ def explain(trainer, batches: list, error: BaseException) -> BadTargets | None:
 
 def on_host(trainer, batches: Iterator) -> Iterator:
     """``batches`` (this epoch's, from ``trainer.batch_in_epoch`` on), each one's class-index targets checked
-    on the host before the step copies them to the device; raises ``BadTargets`` for the first bad one."""
-    classes, ignore = None, getattr(trainer.loss_fn, "ignore_index", None)
+    on the host before the step copies them to the device; raises ``BadTargets`` for the first bad one.
+
+    Only a loss that reads class indices (one with ``ignore_index``: cross entropy, NLL) is checked: a user's
+    own loss may give integer targets another meaning."""
+    if not hasattr(trainer.loss_fn, "ignore_index"):
+        yield from batches
+        return
+    classes, ignore = None, trainer.loss_fn.ignore_index
     for index, batch in enumerate(batches, start=trainer.batch_in_epoch):
         x, y = batch
         if isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex()):
