@@ -185,8 +185,9 @@ def _check_target(x: torch.Tensor, t: torch.Tensor, ignore_index: int) -> None:
         expected = xs if probs else xs[:1] + xs[2:]
         raise RuntimeError(f"Expected target size {list(expected)}, got {list(ts)}")
     # a class index out of range: native raises (CPU) or asserts on the device (CUDA, no sync); under vmap
-    # (per-sample grads) a data-dependent check cannot run, and native's batching rule does not check either
-    if not probs and not torch._C._functorch.is_functorch_wrapped_tensor(t):
+    # (per-sample grads) a data-dependent check cannot run, and native's batching rule does not check either;
+    # compiled, the gather's own bounds check in the generated code does it
+    if not probs and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(t):
         bad = ((t < 0) | (t >= xs[1])) & (t != ignore_index)
         if t.device.type == "cpu":
             if bad.any():
