@@ -148,10 +148,13 @@ def test_kill_9_at_random_moments_of_asynchronous_writes_always_leaves_a_bit_exa
     killed_mid_write = 0
     for i in range(8):
         before = last_step(run_dir)
+        # the kill comes a few writes past the last one, and a random moment later: steps, not seconds, set
+        # how far a run gets, so a fast machine cannot finish all 312 steps before the eighth kill
+        target = max(before, 0) + rng.randrange(2, 30, 2)
         proc = subprocess.Popen(args if i == 0 else resume_args(args, run_dir), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=ENV)
-        wait_for(lambda: last_step(run_dir) > before, proc)  # it trains and writes
-        time.sleep(rng.uniform(0.0, 0.3))
+        wait_for(lambda: last_step(run_dir) >= target, proc)  # it trains and writes
+        time.sleep(rng.uniform(0.0, 0.01))
         proc.kill()
         proc.communicate()
         killed_mid_write += bool(temporary_files(run_dir))

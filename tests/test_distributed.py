@@ -52,3 +52,28 @@ def test_compare_under_torchrun_reports_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("tensors within tolerance") == 1
     assert (tmp_path / "r.json").is_file()
+
+
+THREADS_AFTER = """
+import os, sys
+from trainer.cli import run_command
+code = run_command(sys.argv[1:])
+threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+print(f"rank {os.environ['RANK']} exit {code} threads {threads}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through Linux's /proc")
+def test_process_group_is_freed_before_the_interpreter_exits(tmp_path):
+    """A gloo worker thread still alive at exit can abort the process (SIGABRT) while it releases a tensor."""
+    script = tmp_path / "threads_after.py"
+    script.write_text(THREADS_AFTER)
+    exe = shutil.which("torchrun") or pytest.skip("torchrun not installed")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([exe, "--standalone", "--nproc_per_node=2", str(script), "compare", str(QUICKSTART), MODEL,
+                           "layers.default=custom"], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(" threads ")[0] for line in lines] == ["rank 0 exit 0", "rank 1 exit 0"], lines
+    assert not any("gloo" in line for line in lines), lines  # the process group is gone, and its threads with it

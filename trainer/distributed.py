@@ -45,6 +45,12 @@ def setup(device: str) -> Env:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        # torch.distributed.nn and its kin bind `group=group.WORLD` defaults when first imported, which
+        # torch._dynamo does on an optimizer's first use: imported after the group exists, they hold it past
+        # destroy_process_group, and at interpreter exit gloo's worker thread, still releasing the last
+        # collective's tensors, finds no GIL and aborts the process. Imported first, they hold nothing.
+        from torch import _dynamo  # noqa: F401
+
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Env(rank, world, local, dev)
 
