@@ -55,11 +55,11 @@ def test_compare_under_torchrun_reports_once(tmp_path):
 
 
 THREADS_AFTER = """
-import os, sys
+import os, pathlib, sys
 from trainer.cli import run_command
-code = run_command(sys.argv[1:])
+code = run_command(sys.argv[2:])
 threads = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {os.environ['RANK']} exit {code} threads {threads}")
+pathlib.Path(sys.argv[1], f"rank{os.environ['RANK']}").write_text(f"exit {code} threads {threads}")
 """
 
 
@@ -71,9 +71,10 @@ def test_process_group_is_freed_before_the_interpreter_exits(tmp_path):
     script.write_text(THREADS_AFTER)
     exe = shutil.which("torchrun") or pytest.skip("torchrun not installed")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([exe, "--standalone", "--nproc_per_node=2", str(script), "compare", str(QUICKSTART), MODEL,
-                           "layers.default=custom"], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([exe, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path), "compare",
+                           str(QUICKSTART), MODEL, "layers.default=custom"], capture_output=True, text=True,
+                           timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
-    assert [line.split(" threads ")[0] for line in lines] == ["rank 0 exit 0", "rank 1 exit 0"], lines
+    lines = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
+    assert [line.split(" threads ")[0] for line in lines] == ["exit 0", "exit 0"], lines
     assert not any("gloo" in line for line in lines), lines  # the process group is gone, and its threads with it
