@@ -16,12 +16,15 @@ The rows show each cost on its own. The data is the user's own plain ``TensorDat
 (per-sample ``__getitem__`` and default collate) on both sides, given to the trainer
 through the config (a dataset registered here), unless the row says "gathered": then
 both sides get the built-in datasets' whole gathered batches (``trainer.datasets.Tensors``).
-"50-batch epochs" means the trainer checkpoints every 50 steps (at each epoch end); it
-waits for its background writer before passing the baton, so a write is charged to the
-trainer whole. "Long epochs": one epoch for the whole run, no checkpoint until the end.
+"50-batch epochs" means the trainer checkpoints every 50 steps (at each epoch end). The
+trainer's turns end half a turn after its checkpoints: its background writer overlaps the
+trainer's own next 25 steps, as in a real run, and the trainer waits for the writer before
+passing the baton, so no write runs in the other loop's turn (and the CPU-time ratio counts
+each write whole). "Long epochs": one epoch for the whole run, no checkpoint until the end.
 
     python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny
+    python experiments/bench_overhead.py --model tiny --rows gathered noise --repeats 15
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from trainer import Trainer, data, datasets, load_config
 WARM = 100
 TURN = 50
 SHORT = 50  # batches in a short epoch
+ROWS = ["short", "long", "gathered", "shadow", "noise"]
 # name: (widths, dataset kind, loss)
 MODELS = {
     "tiny": ([32, 64, 64, 1], "regression", "mse"),
@@ -88,19 +92,24 @@ class Baton:
         self.done = [False, False]
         self.busy = [0.0, 0.0]
         self.cpu = [0.0, 0.0]
+        self.steps = [0, 0]  # the steps each side's summed turns hold
         self.began = [(0.0, 0.0), (0.0, 0.0)]
 
     def start(self, side: int) -> None:
         self.turn[side].acquire()
         self.began[side] = time.perf_counter(), time.process_time()
 
-    def step_done(self, side: int, step: int) -> None:
-        """End of ``step`` (every step but the last): at the end of a turn, pass the baton and wait for it."""
-        if step % TURN:
+    def step_done(self, side: int, step: int, offset: int = 0) -> None:
+        """End of ``step`` (every step but the last): at the end of a turn, pass the baton and wait for it.
+
+        A side's turns end at the steps ``offset`` past a multiple of TURN.
+        """
+        if (step - offset) % TURN:
             return
-        if step > WARM:
+        if step - TURN >= WARM:  # the turn began after the warm-up
             self.busy[side] += time.perf_counter() - self.began[side][0]
             self.cpu[side] += time.process_time() - self.began[side][1]
+            self.steps[side] += TURN
         if not self.done[1 - side]:
             self.turn[1 - side].release()
             self.turn[side].acquire()
@@ -149,14 +158,19 @@ def bare_loop(cfg, baton: Baton, side: int) -> None:
 
 
 class TimedTrainer(Trainer):
-    """The Trainer passing the baton after each step (nothing else changes)."""
+    """The Trainer passing the baton after each step (nothing else changes).
+
+    Its turns end half a turn after its checkpoints (taken at multiples of TURN), so a background
+    write overlaps the trainer's own next steps, as in a real run; at the end of the turn it waits
+    for the writer, so no write runs in the other loop's turn.
+    """
 
     def on_step(self) -> None:
         super().on_step()
         if self.step < self.cfg.train.max_steps:
-            if self.step % TURN == 0:
+            if (self.step - TURN // 2) % TURN == 0:
                 self.checkpoints.wait()  # a write still in flight is the trainer's cost, not the other side's
-            self.baton.step_done(self.side, self.step)
+            self.baton.step_done(self.side, self.step, offset=TURN // 2)
 
 
 def trainer_loop(cfg, baton: Baton, side: int) -> None:
@@ -166,14 +180,16 @@ def trainer_loop(cfg, baton: Baton, side: int) -> None:
     trainer.fit()  # the final checkpoint and hparams land in the last turn: one-off, like setup
 
 
-def measure(first, second, repeats: int, steps: int) -> tuple[float, float, float, float]:
+def measure(first, second, repeats: int) -> tuple[float, float, float, float]:
     """(first s/step, second s/step, second/first, the same in CPU time), medians over repeats of turns.
 
-    Progress bars go to a null stream.
+    The loops swap places (which starts, which thread) from one repeat to the next, so a bias of
+    either place falls on both alike. Progress bars go to a null stream.
     """
     a, b, ratios, cpu_ratios = [], [], [], []
     for i in range(repeats + 1):
         baton, errors = Baton(), []
+        order = (first, second) if i % 2 else (second, first)
 
         def run(f, side):
             try:
@@ -184,7 +200,7 @@ def measure(first, second, repeats: int, steps: int) -> tuple[float, float, floa
                 baton.finish(side)  # the other side no longer waits for this one
 
         with contextlib.redirect_stdout(io.StringIO()):
-            threads = [threading.Thread(target=run, args=(f, side)) for side, f in enumerate((first, second))]
+            threads = [threading.Thread(target=run, args=(f, side)) for side, f in enumerate(order)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -193,8 +209,9 @@ def measure(first, second, repeats: int, steps: int) -> tuple[float, float, floa
             raise errors[0]
         if i == 0:
             continue  # warm-up
-        x, y = (busy / ((steps - 1) // TURN * TURN - WARM) for busy in baton.busy)
-        a.append(x), b.append(y), ratios.append(y / x), cpu_ratios.append(baton.cpu[1] / baton.cpu[0])
+        x, y = (busy / counted for busy, counted in zip(baton.busy, baton.steps))
+        (cpu_x, cpu_y), (x, y) = (baton.cpu, (x, y)) if i % 2 else (baton.cpu[::-1], (y, x))
+        a.append(x), b.append(y), ratios.append(y / x), cpu_ratios.append(cpu_y / cpu_x)
     return statistics.median(a), statistics.median(b), statistics.median(ratios), statistics.median(cpu_ratios)
 
 
@@ -203,9 +220,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--model", choices=[*MODELS, "both"], default="both")
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS[:-1],
+                   help="which rows (default: all but noise, two copies of the bare loop against each other)")
     args = p.parse_args()
-    if args.steps <= WARM + TURN or args.repeats < 1:
-        print(f"error: --steps must be above {WARM + TURN} (steps up to {WARM} are warm-up) and --repeats "
+    if args.steps <= WARM + 2 * TURN or args.repeats < 1:
+        print(f"error: --steps must be above {WARM + 2 * TURN} (steps up to {WARM} are warm-up) and --repeats "
               f"at least 1 (got {args.steps}, {args.repeats})", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(1)  # a shared 2-core machine: one thread each keeps the comparison stable
@@ -213,20 +232,27 @@ def main() -> None:
 
     def row(label: str, first, second, cfg1, cfg2) -> None:
         a, b, r, c = measure(lambda baton, side: first(cfg1, baton, side),
-                             lambda baton, side: second(cfg2, baton, side), args.repeats, args.steps)
+                             lambda baton, side: second(cfg2, baton, side), args.repeats)
         print(f"{label:52} {a * 1e3:8.3f} {b * 1e3:8.3f} {r:7.3f}x {c:8.3f}x", flush=True)
 
     with tempfile.TemporaryDirectory() as logdir:
         for name in MODELS if args.model == "both" else [args.model]:
-            short = config(name, args.steps, logdir, [], epoch=SHORT)
-            row(f"{name} MLP, {SHORT}-batch epochs: bare loop -> trainer", bare_loop, trainer_loop, short, short)
-            long = config(name, args.steps, logdir, [])
-            row(f"{name} MLP, long epochs: bare loop -> trainer", bare_loop, trainer_loop, long, long)
-            gathered = config(name, args.steps, logdir, [], gathered=True)
-            row(f"{name} MLP, long epochs, gathered: bare -> trainer", bare_loop, trainer_loop, gathered, gathered)
-        twins = config("tiny", args.steps, logdir, ["layers.default=custom"], gathered=True)
-        shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"], gathered=True)
-        row("tiny MLP, twins: trainer -> + shadow every 50", trainer_loop, trainer_loop, twins, shadow)
+            if "short" in args.rows:
+                short = config(name, args.steps, logdir, [], epoch=SHORT)
+                row(f"{name} MLP, {SHORT}-batch epochs: bare loop -> trainer", bare_loop, trainer_loop, short, short)
+            if "long" in args.rows:
+                long = config(name, args.steps, logdir, [])
+                row(f"{name} MLP, long epochs: bare loop -> trainer", bare_loop, trainer_loop, long, long)
+            if "gathered" in args.rows:
+                gathered = config(name, args.steps, logdir, [], gathered=True)
+                row(f"{name} MLP, long epochs, gathered: bare -> trainer", bare_loop, trainer_loop, gathered, gathered)
+            if "noise" in args.rows:
+                gathered = config(name, args.steps, logdir, [], gathered=True)
+                row(f"{name} MLP, gathered: bare loop -> bare loop", bare_loop, bare_loop, gathered, gathered)
+        if "shadow" in args.rows:
+            twins = config("tiny", args.steps, logdir, ["layers.default=custom"], gathered=True)
+            shadow = config("tiny", args.steps, logdir, ["layers.default=custom", "compare.every=50"], gathered=True)
+            row("tiny MLP, twins: trainer -> + shadow every 50", trainer_loop, trainer_loop, twins, shadow)
 
 
 if __name__ == "__main__":
