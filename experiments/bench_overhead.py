@@ -136,7 +136,7 @@ def bare_loop(cfg, baton: Baton, side: int) -> None:
     steps = cfg.train.max_steps
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
-        bar = tqdm(total=steps, file=sys.stdout, mininterval=0.5)
+        bar = tqdm(total=steps, file=sys.stdout, mininterval=0.5, disable=cfg.log.progress is False)
         step = 0
         baton.start(side)
         while step < steps:

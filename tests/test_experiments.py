@@ -61,7 +61,8 @@ def test_device_check_passes_on_cpu_and_refuses_a_missing_gpu():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [["bench_layers.py", "--rounds", "0"], ["bench_overhead.py", "--steps", "100"],
-                                  ["device_check.py", "--procs", "0"]], ids=lambda a: a[0])
+                                  ["device_check.py", "--procs", "0"], ["count_overhead.py", "--steps", "500", "300"]],
+                         ids=lambda a: a[0])
 def test_bad_arguments_are_one_error_line(argv):
     proc = script(*argv)
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
