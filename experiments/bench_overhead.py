@@ -237,17 +237,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as logdir:
         for name in MODELS if args.model == "both" else [args.model]:
+            short = config(name, args.steps, logdir, [], epoch=SHORT)
+            long = config(name, args.steps, logdir, [])
+            gathered = config(name, args.steps, logdir, [], gathered=True)
             if "short" in args.rows:
-                short = config(name, args.steps, logdir, [], epoch=SHORT)
                 row(f"{name} MLP, {SHORT}-batch epochs: bare loop -> trainer", bare_loop, trainer_loop, short, short)
             if "long" in args.rows:
-                long = config(name, args.steps, logdir, [])
                 row(f"{name} MLP, long epochs: bare loop -> trainer", bare_loop, trainer_loop, long, long)
             if "gathered" in args.rows:
-                gathered = config(name, args.steps, logdir, [], gathered=True)
                 row(f"{name} MLP, long epochs, gathered: bare -> trainer", bare_loop, trainer_loop, gathered, gathered)
             if "noise" in args.rows:
-                gathered = config(name, args.steps, logdir, [], gathered=True)
                 row(f"{name} MLP, gathered: bare loop -> bare loop", bare_loop, bare_loop, gathered, gathered)
         if "shadow" in args.rows:
             twins = config("tiny", args.steps, logdir, ["layers.default=custom"], gathered=True)

@@ -87,8 +87,3 @@ def any_rank(flag: bool, env: Env) -> bool:
     t = torch.tensor([float(flag)], device=env.device)
     dist.all_reduce(t)
     return bool(t.item())
-
-
-def teardown(env: Env) -> None:
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
