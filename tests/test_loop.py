@@ -76,6 +76,20 @@ def test_accumulation_equals_one_larger_batch(quick):
     assert not torch.allclose(moved.model.weight, big.model.weight)
 
 
+def test_gradient_accumulators_live_from_step_to_step(quick):
+    """As in a hand-written loop, whose ``loss`` lives until the next step: a hook on a parameter's gradient
+    accumulator, added after one step, still fires in the next (were the graph dropped, a new one would be built)."""
+    trainer = Trainer(quick("data.shuffle=false"))
+    batch = [next(iter(trainer.train_loader))]
+    trainer.train_step(batch)
+    fired = []
+    accumulator = trainer.model.weight.view_as(trainer.model.weight).grad_fn.next_functions[0][0]
+    accumulator.register_hook(lambda *grads: fired.append(True))
+    del accumulator  # only the trainer's graph may keep it alive
+    trainer.train_step(batch)
+    assert fired
+
+
 def test_stops_at_max_epochs_or_max_steps_whichever_first(quick):
     t = Trainer(quick("train.max_epochs=2", "train.max_steps=100"))
     assert t.fit().step == 2 * 13 and t.epoch == 2

@@ -11,9 +11,10 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from trainer.snapshot import HostBuffers, host_copy  # noqa: F401  (host_copy: a
 
 LAST = "last.pt"
 BEST = "best.pt"
+T = TypeVar("T")
 REQUIRED = ("model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "rng")  # what a resume reads
 
 
@@ -67,18 +69,46 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file, fsync, then ``os.replace``: readers see the old file or the new one, never half."""
+def atomic_write(path: Path, fill: Callable[[BinaryIO], T]) -> T:
+    """``fill(file)`` into a temp file, fsync, then ``os.replace``: readers see the old file or the new one, never
+    half. Returns what ``fill`` returns."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            result = fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        return result
     except BaseException:  # only then is there a temp file to remove (an unlink per write costs ~1 ms on a busy disk)
         tmp.unlink(missing_ok=True)
         raise
+
+
+class _Sha256Writer:
+    """Passes writes on to ``file`` and hashes them on the way."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.sha256 = file, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_hashed(state: Any, file: BinaryIO) -> str:
+    """``torch.save(state, file)``; returns the sha256 of the bytes written.
+
+    Streamed into the file, not built in memory first: writing a tensor's bytes to a file (and
+    hashing them) lets go of the GIL, copying them into a ``BytesIO`` does not, so a background
+    write of a large state would hold the training thread up for as long as the copy takes.
+    """
+    out = _Sha256Writer(file)
+    torch.save(state, out)
+    return out.sha256.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -206,11 +236,7 @@ class Checkpoints:
         try:
             if first:
                 self.dir.mkdir(parents=True, exist_ok=True)
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            data = buf.getvalue()
-            digest = hashlib.sha256(data).hexdigest()
-            atomic_write(path, data)
+            digest = atomic_write(path, lambda f: save_hashed(state, f))
             entry = {"file": path.name, "step": step, "sha256": digest}
             manifest["files"][path.name] = {"step": step, "sha256": digest}
             manifest["last"] = entry
@@ -219,7 +245,8 @@ class Checkpoints:
             old = sorted(self.step_files(), key=_step_of, reverse=True)[self.keep:]
             for p in old:
                 manifest["files"].pop(p.name, None)
-            atomic_write(self.manifest_path, json.dumps(manifest, indent=1).encode())
+            text = json.dumps(manifest, indent=1).encode()
+            atomic_write(self.manifest_path, lambda f: f.write(text))
             atomic_link(path, self.dir / LAST)
             if best:
                 atomic_link(path, self.dir / BEST)

@@ -71,6 +71,7 @@ class Trainer:
         self._rng: dict[str, Any] | None = None
         self.stops = Stops()  # SIGINT, SIGTERM, SIGUSR1
         self._window: list[torch.Tensor] = []
+        self._graph: torch.Tensor | None = None  # the last step's loss, graph attached
         self._skipped = self._samples = 0
         self._validated_at = self._saved_at = -1
         self.stopped_early = False
@@ -103,6 +104,9 @@ class Trainer:
                 self.scaler.scale(loss / k if k > 1 else loss).backward()
             losses.append(loss.detach())
             self._samples += x.shape[0]
+        # the last graph (its saved tensors already freed by backward) lives until the next step, as a
+        # hand-written loop's `loss` does: the parameters' gradient accumulators then live on, not rebuilt per step
+        self._graph = loss
         loss = losses[0] if k == 1 else torch.stack(losses).mean()
         if self.cfg.train.skip_nonfinite and not torch.isfinite(loss):  # a device sync, only in this mode
             self._skipped += 1
