@@ -223,3 +223,20 @@ def test_an_optimizer_change_on_resume_is_what_runs_or_is_refused(quick):
     with pytest.raises(ConfigError, match="optimizer.lr"):
         Trainer(quick("optimizer={name: adam, lr: 0.5}", "scheduler={name: cosine}", "train.max_epochs=2"),
                 resume=scheduled.run_dir)
+
+
+def test_a_checkpoint_holds_the_config_yaml_and_a_config_dict_resumes_too(quick):
+    """The config is kept as config.yaml's text; a checkpoint holding it as a dict resumes the same way."""
+    first = Trainer(quick("optimizer={name: adam, lr: 0.01}", "train.max_epochs=1"))
+    first.fit()
+    last = first.run_dir / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["config"] == (first.run_dir / "config.yaml").read_text()
+    state["config"] = first.cfg.to_dict()
+    torch.save(state, last)
+    (first.run_dir / "checkpoints" / "manifest.json").unlink()  # no checksum to compare the edited file with
+    changed = Trainer(quick("optimizer={name: adam, lr: 0.05}", "train.max_epochs=2"), resume=first.run_dir)
+    assert changed.step == first.step and changed.optimizer.param_groups[0]["lr"] == 0.05
+    changed.checkpoints.close()
+    with pytest.raises(ConfigError, match="optimizer.name"):
+        Trainer(quick("optimizer={name: sgd, lr: 0.01}", "train.max_epochs=2"), resume=first.run_dir)

@@ -5,6 +5,7 @@ Per-step work of one's own attaches through ``trainer.callbacks.Callback``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -84,6 +85,13 @@ class Trainer:
                                                         background=t.async_checkpoint, lock=self.env.main)
             self.restore(state)
 
+    @functools.cached_property
+    def config_yaml(self) -> str:
+        """The resolved config as YAML, the text of the run's ``config.yaml``; made once, as every checkpoint
+        holds it: one string pickles in one go, a dict's ~130 keys and values would take a third of a small
+        checkpoint's serialization."""
+        return self.cfg.to_yaml()
+
     @property
     def loss(self):
         """The loss as the training step calls it: ``loss_fn``, compiled under ``train.compile``."""
@@ -136,7 +144,7 @@ class Trainer:
             self.checkpoints = checkpoint.Checkpoints(self.run_dir, cfg.train.keep_checkpoints,
                                                       background=cfg.train.async_checkpoint, lock=env.main)
             if env.main:
-                (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+                (self.run_dir / "config.yaml").write_text(self.config_yaml)
         elif env.main:
             resuming.record_resume(self.run_dir, cfg, self.step)
         if self.report:
@@ -147,7 +155,7 @@ class Trainer:
         self.log = RunLog(self.run_dir, total=self.total_steps, initial=self.step, progress=cfg.log.progress,
                           enabled=env.main)
         if fresh:
-            self.log.text("config", "```yaml\n" + cfg.to_yaml() + "```")
+            self.log.text("config", "```yaml\n" + self.config_yaml + "```")
         if fresh and cfg.log.graph:
             self.log.graph(self.model, next(iter(self.train_loader))[0].to(self.device))
         if self._rng is not None:

@@ -30,7 +30,7 @@ def state_dict(trainer: "Trainer") -> dict[str, Any]:
         "rng": checkpoint.rng_state(),
         "monitor": trainer.monitor.state_dict(),
         "metrics": dict(trainer.metrics),
-        "config": trainer.cfg.to_dict(),
+        "config": trainer.config_yaml,
     }
 
 
@@ -70,7 +70,9 @@ def load_parts(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.o
                           suggestion="resume with the config the run was started with (its config.yaml)") from None
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    apply_optimizer_changes(optimizer, scheduler, optimizer_cfg, state.get("config", {}).get("optimizer"))
+    saved = state.get("config") or {}
+    saved = yaml.safe_load(saved) if isinstance(saved, str) else saved  # the YAML text (a dict is read too)
+    apply_optimizer_changes(optimizer, scheduler, optimizer_cfg, saved.get("optimizer"))
     scaler.load_state_dict(state["scaler"])
 
 
