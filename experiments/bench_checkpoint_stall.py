@@ -4,8 +4,9 @@ The training thread runs small SGD steps while another thread writes a checkpoin
 the way ``Checkpoints`` does it (``atomic_write`` of ``save_hashed``: ``torch.save`` streamed into
 the temporary file, hashed on the way), and, for comparison, serialized into memory first
 (``torch.save`` into a ``BytesIO``, then hashed and written). Each step is timed; the figures
-are the longest step during the write and the median step during the write against the median
-step without one. Both ways alternate, ROUNDS times each; medians over rounds.
+are the write's time, the longest step during the write, and the training speed during the write
+(the steps done, against what the median step without a write would have done in that time).
+Both ways alternate, ROUNDS times each; medians over rounds.
 
 Copying a tensor's bytes into a ``BytesIO`` holds the GIL for the whole copy, so the training
 thread cannot run a step until it ends; a file write and a hash let go of the GIL.
