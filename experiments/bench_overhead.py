@@ -8,9 +8,10 @@ noisy machine a slow spell then falls on both alike, which whole runs one after 
 other cannot promise (those differed by 1.5x here). Steps up to WARM (one-off setup,
 first allocations) and the last turn (teardown) are left out; the figure is the median
 over repeats of the ratio of the summed times. Each turn is also timed in CPU seconds of
-the whole process (``time.process_time``: the loop's thread, the trainer's checkpoint
-writer, TensorBoard's writer thread), which time spent waiting for a busy machine's
-cores does not inflate: the second ratio, the steadier one when the machine is shared.
+the whole process (``time.process_time``: the loop's thread, the thread that serializes
+checkpoints, TensorBoard's writer thread; not the checkpoint writer process, whose work
+runs beside the loop), which time spent waiting for a busy machine's cores does not
+inflate: the second ratio, the steadier one when the machine is shared.
 
 The rows show each cost on its own. The data is the user's own plain ``TensorDataset``
 (per-sample ``__getitem__`` and default collate) on both sides, given to the trainer
@@ -20,7 +21,7 @@ both sides get the built-in datasets' whole gathered batches (``trainer.datasets
 trainer's turns end half a turn after its checkpoints: its background writer overlaps the
 trainer's own next 25 steps, as in a real run, and the trainer waits for the writer before
 passing the baton, so no write runs in the other loop's turn (and the CPU-time ratio counts
-each write whole). "Long epochs": one epoch for the whole run, no checkpoint until the end.
+the training process's part of each write whole). "Long epochs": one epoch for the whole run, no checkpoint until the end.
 
     python experiments/bench_overhead.py                 # tiny and medium MLP, and shadow mode's cost
     python experiments/bench_overhead.py --steps 3000 --repeats 7 --model tiny

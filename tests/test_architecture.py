@@ -19,7 +19,7 @@ MODULE_NAME = re.compile(r"trainer(\.\w+)+")
 
 # Each module's layer, lowest first; a module may import its own layer or lower ones, never higher.
 LAYERS = [
-    ("foundations", ["trainer.errors", "trainer.bounded", "trainer.hints", "trainer.threads"]),
+    ("foundations", ["trainer.errors", "trainer.bounded", "trainer.hints", "trainer.threads", "trainer.disk"]),
     ("twins", ["trainer.twins"]),
     ("config and registries", ["trainer.registry", "trainer.layers", "trainer.models", "trainer.losses",
                                "trainer.optimizers", "trainer.schedulers", "trainer.datasets", "trainer.config",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import io
 import json
@@ -20,7 +19,8 @@ import torch
 import yaml
 
 from conftest import QUICKSTART, ROOT
-from trainer import Trainer, checkpoint, load_config
+import faulty_writer
+from trainer import Trainer, checkpoint, disk, load_config
 from trainer.cli import main
 from trainer.snapshot import HostBuffers
 
@@ -102,25 +102,23 @@ def test_host_copy_writes_the_same_bytes_and_shares_nothing_with_the_live_state(
 class Overlapped(Trainer):
     """Counts the steps trained while a (slowed) checkpoint write was in flight."""
 
-    writing = False
     overlapped = 0
 
     def train_step(self, batches):
-        Overlapped.overlapped += Overlapped.writing
+        Overlapped.overlapped += self.checkpoints.writing
         return super().train_step(batches)
 
 
+def faulty(monkeypatch, **env) -> None:
+    """Checkpoint writes go through ``faulty_writer``, here and in the writer process, as ``env`` says."""
+    for name, value in env.items():
+        monkeypatch.setenv(f"FAULTY_WRITER_{name.upper()}", str(value))
+    monkeypatch.setattr(disk, "atomic_write", faulty_writer.wrap(disk.atomic_write))
+    monkeypatch.setattr(checkpoint, "WRITER_SCRIPT", Path(faulty_writer.__file__))
+
+
 def test_an_asynchronous_checkpoint_is_bit_identical_to_a_synchronous_one(tmp_path, monkeypatch):
-    write = checkpoint.atomic_write
-
-    def slow(path, data):  # training goes on while this sleeps: what it changes must not reach the file
-        if path.name.startswith("step_"):
-            Overlapped.writing = True
-            time.sleep(0.02)
-            Overlapped.writing = False
-        write(path, data)
-
-    monkeypatch.setattr(checkpoint, "atomic_write", slow)
+    faulty(monkeypatch, seconds=0.02)  # training goes on while a write sleeps: what it changes must not reach the file
     runs = {}
     for background in (True, False):
         cfg = load_config(QUICKSTART, [f"log.dir={tmp_path}", "log.progress=false", *RUN,
@@ -172,13 +170,18 @@ def test_kill_9_at_random_moments_of_asynchronous_writes_always_leaves_a_bit_exa
 # --- signals and failing writers ---------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigint_while_a_write_is_in_flight_exits_130_with_both_checkpoints_complete(tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["process", "process-group"])
+def test_sigint_while_a_write_is_in_flight_exits_130_with_both_checkpoints_complete(tmp_path, group):
+    """To the process, or to its whole process group as Ctrl-C at a terminal sends it."""
     log = tmp_path / "writes.log"
-    args = run_args(tmp_path, "imports=[slow_writer]", "train.checkpoint_every=10")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "SLOW_WRITER_LOG": str(log), "SLOW_WRITER_SECONDS": "2.0"})
+    args = run_args(tmp_path, "imports=[faulty_run]", "train.checkpoint_every=10")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**ENV, "FAULTY_WRITER_LOG": str(log), "FAULTY_WRITER_SECONDS": "2.0"})
     wait_for(log.exists, proc)  # the first checkpoint's write has begun and takes two seconds
-    proc.send_signal(signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     run = tmp_path / "quickstart" / "version_0"
@@ -195,24 +198,72 @@ def test_sigint_while_a_write_is_in_flight_exits_130_with_both_checkpoints_compl
     assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == stop
 
 
-def blocked_writer(monkeypatch, after: int):
-    """``atomic_write`` failing as on a full disk from the ``after``-th step file on."""
-    write, calls = checkpoint.atomic_write, []
+@pytest.mark.slow
+def test_kill_9_of_the_training_process_kills_its_writer_process_mid_write(tmp_path):
+    """No write goes on behind the back of a resume that follows."""
+    log = tmp_path / "writes.log"
+    args = run_args(tmp_path, "imports=[faulty_run]", "train.checkpoint_every=10")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "FAULTY_WRITER_LOG": str(log), "FAULTY_WRITER_SECONDS": "5.0"})
+    wait_for(log.exists, proc)  # the writer process has the first checkpoint and sleeps five seconds before writing
+    name, pid = log.read_text().split()
+    assert name == "step_00000010.pt" and int(pid) != proc.pid
+    proc.kill()
+    proc.communicate()
+    end = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < end, "the writer process outlived the training process"
+        time.sleep(0.01)
+    time.sleep(6)  # past the moment its write would have ended
+    assert not (tmp_path / "quickstart" / "version_0" / "checkpoints" / "step_00000010.pt").exists()
 
-    def full(path, data):
-        if path.name.startswith("step_"):
-            calls.append(path.name)
-            if len(calls) > after:
-                raise OSError(errno.ENOSPC, "No space left on device")
-        write(path, data)
 
-    monkeypatch.setattr(checkpoint, "atomic_write", full)
+def small_state(step: int, **extra) -> dict:
+    return {"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scaler": {}, "step": step, "epoch": 0,
+            "batch_in_epoch": step, "rng": {}, **extra}
+
+
+def test_a_state_torch_save_refuses_is_one_error_and_the_writer_process_takes_the_next_save(tmp_path):
+    ckpts = checkpoint.Checkpoints(tmp_path)
+    ckpts.save(small_state(1), 1)
+    ckpts.save(small_state(2, bad=lambda: 0), 2)  # the snapshot keeps it; pickling it fails half way
+    with pytest.raises(checkpoint.CheckpointError, match=r"could not write checkpoint \S+step_00000002.pt \("
+                                                         r"(AttributeError|PicklingError): .*; stopped"):
+        ckpts.wait()
+    ckpts.save(small_state(3), 3)
+    ckpts.close()
+    state, path, problems = checkpoint.Checkpoints(tmp_path).load()
+    assert state["step"] == 3 and problems == [] and temporary_files(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000001.pt",
+                                                                                 "step_00000003.pt"]
+
+
+def test_a_writer_process_that_dies_stops_the_run_with_one_error_at_the_next_save(tmp_path):
+    ckpts = checkpoint.Checkpoints(tmp_path)
+    ckpts.save(small_state(1), 1)
+    ckpts.wait()
+    ckpts._process.proc.kill()
+    ckpts.save(small_state(2), 2)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^the checkpoint writer process ended \(exit code -9\); "
+                                                         r"stopped, the checkpoints it wrote before are kept$"):
+        ckpts.wait()
+    ckpts.close()
+    assert checkpoint.Checkpoints(tmp_path).load()[0]["step"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_whose_dataloader_workers_were_forked_after_the_writer_started_ends(tmp_path):
+    """Persistent validation workers forked after the first save hold the writer's stdin open: fit still ends."""
+    run = subprocess.run(run_args(tmp_path, "data.num_workers=1", "train.checkpoint_every=5", "train.max_epochs=2"),
+                         capture_output=True, text=True, env=ENV, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert last_step(tmp_path / "quickstart" / "version_0") == 104
 
 
 @pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])
 def test_a_full_disk_stops_the_run_with_one_error_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
                                                                                            capsys, background):
-    blocked_writer(monkeypatch, after=2)
+    faulty(monkeypatch, full_after=2)
     code = main(["run", str(QUICKSTART), f"log.dir={tmp_path}", "log.progress=false", *RUN,
                  "train.checkpoint_every=5", f"train.async_checkpoint={background}"])
     err = capsys.readouterr().err.strip()
@@ -324,20 +375,22 @@ def test_snapshots_reuse_the_previous_ones_host_memory_and_still_hold_the_state_
     assert second["model"]["1.weight"].untyped_storage().data_ptr() == second["model"]["0.weight"].data_ptr()
 
 
-def test_one_writer_thread_serves_every_background_save_and_ends_with_close(tmp_path):
+def test_one_writer_thread_and_process_serve_every_background_save_and_end_with_close(tmp_path):
     def writers():
         return [t for t in threading.enumerate() if t.name.startswith("checkpoint-writer")]
 
     ckpts = checkpoint.Checkpoints(tmp_path, keep=2)
-    idents = set()
+    idents, pids = set(), set()
     for step in range(1, 5):
         ckpts.save({"model": {"w": torch.full((3,), float(step))}, "optimizer": {}, "scaler": {}, "step": step,
                     "epoch": 0, "batch_in_epoch": step, "rng": {}}, step)
         idents |= {t.ident for t in writers()}
+        pids.add(ckpts._process.proc.pid)
     ckpts.wait()
-    assert len(idents) == 1 and writers()
+    process = ckpts._process.proc
+    assert len(idents) == 1 and writers() and len(pids) == 1 and process.poll() is None
     ckpts.close()
-    assert not writers()
+    assert not writers() and process.returncode == 0  # it ended when told, not killed
     state, path, problems = checkpoint.Checkpoints(tmp_path).load()
     assert state["step"] == 4 and torch.equal(state["model"]["w"], torch.full((3,), 4.0)) and problems == []
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000003.pt", "step_00000004.pt"]

@@ -43,7 +43,7 @@ def test_benchmarks_run_and_print_their_ratios():
     assert [line.split()[-2:][0][-1] + line.split()[-1][-1] for line in proc.stdout.splitlines()[1:]] == ["xx"] * 4
     proc = script("bench_checkpoint_stall.py", "--size-mb", "1", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr
-    assert len(proc.stdout.splitlines()) == 4 and proc.stdout.count("x\n") == 2, proc.stdout
+    assert len(proc.stdout.splitlines()) == 5 and proc.stdout.count("x\n") == 3, proc.stdout
     proc = script("bench_layers.py", "--sizes", "1e3", "--layers", "relu", "linear", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3 and proc.stdout.count("x") >= 4

@@ -1,7 +1,8 @@
 """Run directories and checkpoints: race-free version folders, a lock, atomic verified writes off the training
-thread, weights_only loads, RNG state."""
+process (``disk``), weights_only loads, RNG state."""
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -10,21 +11,21 @@ import os
 import pickle
 import random
 import re
-import shutil
-from collections.abc import Callable
+import subprocess
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from trainer import disk
+from trainer.disk import BEST, LAST, atomic_write  # noqa: F401  (also this module's public names)
 from trainer.errors import ConfigError
 from trainer.snapshot import HostBuffers, host_copy  # noqa: F401  (host_copy: also this module's public name)
 
-LAST = "last.pt"
-BEST = "best.pt"
-T = TypeVar("T")
+WRITER_SCRIPT = Path(disk.__file__)  # what the writer process runs; tests put a slowed or failing writer here
 REQUIRED = ("model", "optimizer", "scaler", "step", "epoch", "batch_in_epoch", "rng")  # what a resume reads
 
 
@@ -69,22 +70,6 @@ def lock_run_dir(run_dir: Path):
     return f
 
 
-def atomic_write(path: Path, fill: Callable[[BinaryIO], T]) -> T:
-    """``fill(file)`` into a temp file, fsync, then ``os.replace``: readers see the old file or the new one, never
-    half. Returns what ``fill`` returns."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            result = fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return result
-    except BaseException:  # only then is there a temp file to remove (an unlink per write costs ~1 ms on a busy disk)
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class _Sha256Writer:
     """Passes writes on to ``file`` and hashes them on the way."""
 
@@ -111,46 +96,90 @@ def save_hashed(state: Any, file: BinaryIO) -> str:
     return out.sha256.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class _Frames:
+    """What ``torch.save`` writes, framed for the writer process (see ``disk``)."""
+
+    def __init__(self, pipe: BinaryIO):
+        self.pipe = pipe
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n:  # a frame of length 0 would end the checkpoint
+            self.pipe.write(disk.FRAME.pack(n))
+            self.pipe.write(data)
+        return n
+
+    def flush(self) -> None:  # the pipe is flushed once, when the checkpoint ends
+        pass
 
 
-def atomic_link(source: Path, path: Path) -> None:
-    """Make ``path`` the same file as ``source`` (a hard link: no second copy), replacing it atomically."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        os.link(source, tmp)
-    except FileExistsError:  # left by a killed process that had this pid
-        tmp.unlink()
-        os.link(source, tmp)
-    except OSError:  # a filesystem without hard links: copy instead
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+class WriterProcess:
+    """``disk.py`` run as a process of its own, which writes one folder's checkpoints as they are streamed to it.
+
+    It runs in a session of its own, so that a Ctrl-C meant for the run does not cut a write short
+    (the run waits for the write, then ends the writer), and it is killed when the thread that
+    started it dies, even by kill -9 (``disk.die_with``).
+    """
+
+    def __init__(self, folder: Path, keep: int):
+        command = [sys.executable, "-I", "-S", str(WRITER_SCRIPT), str(os.getpid()), str(folder), str(keep)]
+        try:
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=disk.CHUNK,
+                                         start_new_session=True)
+        except OSError as e:
+            raise CheckpointError(f"could not start the checkpoint writer process ({type(e).__name__}: {e}); "
+                                  "set train.async_checkpoint: false to write checkpoints in the training process") \
+                from None
+
+    def write(self, state: Any, step: int, best: bool) -> str | None:
+        """``torch.save(state)`` into the writer; None once the checkpoint is in place, else what failed (a line)."""
+        pipe = self.proc.stdin
+        try:
+            pipe.write(json.dumps({"step": step, "best": best}).encode() + b"\n")
+            try:
+                torch.save(state, _Frames(pipe))
+            except Exception:
+                pipe.write(disk.FRAME.pack(disk.ABANDONED))
+                pipe.flush()
+                self.proc.stdout.readline()
+                raise
+            pipe.write(disk.FRAME.pack(disk.END))
+            pipe.flush()
+            reply = self.proc.stdout.readline().decode()
+        except BrokenPipeError:
+            reply = ""
+        if not reply:
+            return f"the checkpoint writer process ended (exit code {self.proc.wait()}); stopped, the checkpoints " \
+                   "it wrote before are kept"
+        return None if reply == "ok\n" else reply.removeprefix("error ").rstrip("\n")
+
+    def close(self) -> None:
+        """End the writer (an empty line: a forked DataLoader worker may hold the pipe open) and wait for it."""
+        with contextlib.suppress(BrokenPipeError):  # it has ended already
+            self.proc.stdin.write(b"\n")
+        with contextlib.suppress(BrokenPipeError):  # the same (closes the pipe all the same)
+            self.proc.stdin.close()
+        self.proc.wait()
+        self.proc.stdout.close()
 
 
 class Checkpoints:
-    """A run's ``checkpoints/`` folder, written so that no crash can leave it unusable.
+    """A run's ``checkpoints/`` folder, written so that no crash can leave it unusable (see ``disk.Folder``).
 
-    Each save writes a new ``step_<N>.pt`` atomically and records its sha256 in
-    ``manifest.json`` (also atomic); ``last.pt`` (and ``best.pt`` when the monitored metric
-    improved) then become hard links to it, and only then are step files beyond the newest
-    ``keep`` removed. ``load`` verifies checksums and ``weights_only`` loading, newest first,
-    and returns the newest good checkpoint with what was wrong with any newer one.
+    ``load`` verifies checksums and ``weights_only`` loading, newest first, and returns the newest
+    good checkpoint with what was wrong with any newer one.
 
     With ``background`` (the default), ``save`` costs the caller only a copy of the state in
-    host memory (into the previous copy's buffers) and a hand-off to one long-lived writer
-    thread, which serializes, hashes, writes and prunes. At most one write is in flight: a new
-    ``save`` first waits for the previous one. A failed write is raised as ``CheckpointError``
-    by the next ``check``, ``save`` or ``wait``.
+    host memory (into the previous copy's buffers) and a hand-off to a thread, which streams
+    ``torch.save`` of the copy into the writer process (``WriterProcess``); the writer hashes,
+    writes, links and prunes. At most one write is in flight: a new ``save`` first waits for
+    the previous one. A failed write is raised as ``CheckpointError`` by the next ``check``,
+    ``save`` or ``wait``.
 
     Args:
         run_dir: the run directory; checkpoints go to its ``checkpoints/`` folder.
         keep: how many ``step_<N>.pt`` files to keep.
-        background: write in a thread (False: in ``save`` itself).
+        background: write in the writer process (False: in ``save`` itself).
         lock: hold the run directory's lock (``lock_run_dir``) until ``close``, and remove the
             temporary files a killed process left behind.
     """
@@ -159,11 +188,12 @@ class Checkpoints:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.background = background
-        # one thread for the whole run: starting a thread per save cost the step up to 2 ms on a busy machine
-        self._writer: ThreadPoolExecutor | None = None
+        self._folder = disk.Folder(self.dir, keep)  # synchronous saves
+        # both for the whole run: starting a thread per save cost the step up to 2 ms on a busy machine
+        self._thread: ThreadPoolExecutor | None = None
+        self._process: WriterProcess | None = None
         self._pending: Future | None = None
         self._buffers = HostBuffers()
-        self._manifest: dict[str, Any] | None = None
         self._error: CheckpointError | None = None
         self._lock = None
         self.leftovers: list[str] = []  # what a killed process left, removed when the lock was taken
@@ -179,27 +209,41 @@ class Checkpoints:
         return self.dir / "manifest.json"
 
     def manifest(self) -> dict[str, Any]:
-        try:
-            data = json.loads(self.manifest_path.read_text())
-            return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {"files": {}}
-        except (OSError, ValueError):
-            return {"files": {}}
+        return disk.read_manifest(self.dir)
+
+    @property
+    def writing(self) -> bool:
+        """A background write is in flight."""
+        return self._pending is not None and not self._pending.done()
 
     def save(self, state: dict[str, Any], step: int, best: bool = False) -> None:
         """Checkpoint ``state`` as step ``step`` (and as ``best.pt``): in the background, or now.
 
         Raises:
-            CheckpointError: this write failed (synchronous), or the previous one did.
+            CheckpointError: this write failed (synchronous), or the previous one did, or the writer process
+                could not start.
         """
         self.wait()
         if not self.background:
-            self._write(state, step, best)
+            self._failed(self._folder.write(step, best, lambda f: save_hashed(state, f)))
             self.check()
             return
         snapshot = self._buffers.take(state)  # free to overwrite: the write that used them is done
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
-        self._pending = self._writer.submit(self._write, snapshot, step, best)
+        if self._process is None:
+            self._process = WriterProcess(self.dir, self.keep)  # started by this thread, so it dies with it
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending = self._thread.submit(self._send, snapshot, step, best)
+
+    def _send(self, snapshot: dict[str, Any], step: int, best: bool) -> None:
+        try:
+            self._failed(self._process.write(snapshot, step, best))
+        except Exception as e:  # torch.save could not serialize the state
+            self._failed(f"could not write checkpoint {self.dir / f'step_{step:08d}.pt'} ({type(e).__name__}: "
+                         f"{e}); stopped, the checkpoints written before are kept")
+
+    def _failed(self, error: str | None) -> None:
+        if error is not None:
+            self._error = CheckpointError(error)
 
     def check(self) -> None:
         """Raise a failed write's error, once (cheap: the loop calls it every step)."""
@@ -215,50 +259,16 @@ class Checkpoints:
         self.check()
 
     def close(self) -> None:
-        """Wait for the write in flight, end the writer thread and release the lock; raises nothing (``wait``
-        reports errors)."""
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = self._pending = None
+        """Wait for the write in flight, end the thread and the writer process, release the lock; raises nothing
+        (``wait`` reports errors)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._process.close()
+            self._thread = self._process = self._pending = None
         self._buffers.clear()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-    def _write(self, state: dict[str, Any], step: int, best: bool) -> None:
-        path = self.dir / f"step_{step:08d}.pt"
-        # the manifest as this object last wrote it: read (and the folder made) once, not at every write
-        manifest, self._manifest = self._manifest, None  # kept again once this write is whole
-        first = manifest is None
-        if first:
-            manifest = self.manifest()
-        previous = manifest.get("last")
-        try:
-            if first:
-                self.dir.mkdir(parents=True, exist_ok=True)
-            digest = atomic_write(path, lambda f: save_hashed(state, f))
-            entry = {"file": path.name, "step": step, "sha256": digest}
-            manifest["files"][path.name] = {"step": step, "sha256": digest}
-            manifest["last"] = entry
-            if best:
-                manifest["best"] = entry
-            old = sorted(self.step_files(), key=_step_of, reverse=True)[self.keep:]
-            for p in old:
-                manifest["files"].pop(p.name, None)
-            text = json.dumps(manifest, indent=1).encode()
-            atomic_write(self.manifest_path, lambda f: f.write(text))
-            atomic_link(path, self.dir / LAST)
-            if best:
-                atomic_link(path, self.dir / BEST)
-            for p in old:  # only now: until the new manifest and links are in place, the old files are the fallback
-                p.unlink(missing_ok=True)
-            fsync_dir(self.dir)  # the renames themselves survive a power cut
-            self._manifest = manifest
-        except Exception as e:  # disk full, read-only, a file where the folder should be, ...
-            kept = f"the checkpoint of step {previous['step']} is kept" if isinstance(previous, dict) \
-                else "no earlier checkpoint exists"
-            self._error = CheckpointError(f"could not write checkpoint {path} ({type(e).__name__}: {e}); "
-                                          f"stopped, {kept}")
 
     def remove_temporary_files(self) -> list[str]:
         """Delete what a killed writer left: ``.<name>.tmp<pid>`` files, never read by ``load``; their names."""
@@ -271,7 +281,7 @@ class Checkpoints:
         return sorted(removed)
 
     def step_files(self) -> list[Path]:
-        return [p for p in self.dir.glob("step_*.pt") if _step_of(p) >= 0]
+        return disk.step_files(self.dir)
 
     def load(self) -> tuple[dict[str, Any], Path, list[str]]:
         """The newest checkpoint that verifies, its path, and one line per newer file that did not.
@@ -285,7 +295,7 @@ class Checkpoints:
         manifest = self.manifest()
         known = {name: entry.get("sha256") for name, entry in manifest["files"].items() if isinstance(entry, dict)}
         last = manifest.get("last") if isinstance(manifest.get("last"), dict) else {}
-        candidates = sorted(self.step_files(), key=_step_of, reverse=True) + [self.dir / LAST]
+        candidates = sorted(self.step_files(), key=disk.step_of, reverse=True) + [self.dir / LAST]
         problems = []
         for path in candidates:
             if not path.is_file():
@@ -318,11 +328,6 @@ def verify(path: Path, sha256: str | None) -> dict[str, Any] | str:
     if missing:  # e.g. a file saved by hand with only the model: it verifies, but cannot resume a run
         return f"lacks the keys {', '.join(missing)} (a trainer checkpoint holds {', '.join(REQUIRED)})"
     return state
-
-
-def _step_of(path: Path) -> int:
-    m = re.fullmatch(r"step_(\d+)\.pt", path.name)
-    return int(m.group(1)) if m else -1
 
 
 def reseed(device: torch.device | str, seed: int) -> None:

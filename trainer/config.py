@@ -66,7 +66,7 @@ class TrainConfig:
     val_every: int | None = None        # validate every N steps (null: at the end of each epoch)
     checkpoint_every: int | None = None  # also checkpoint every N steps (always at epoch end and at the end)
     keep_checkpoints: int = 3           # newest step_<N>.pt files kept (last.pt and best.pt are links to them)
-    async_checkpoint: bool = True       # write checkpoints in a background thread (false: inside the step)
+    async_checkpoint: bool = True       # write checkpoints in the background (false: inside the step)
     monitor: str | None = None          # val/loss | val/accuracy | train/loss: kept as best.pt, used by patience
     monitor_mode: Literal["min", "max"] = "min"
     patience: int | None = None         # early stopping: stop after this many checks without improvement
