@@ -44,6 +44,10 @@ def test_benchmarks_run_and_print_their_ratios():
     proc = script("bench_checkpoint_stall.py", "--size-mb", "1", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 5 and proc.stdout.count("x\n") == 3, proc.stdout
+    proc = script("checkpoint_steps.py", "--steps", "300")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()  # a title, a header, then per way its stretches (+ extra) and the ordinary ones
+    assert len(lines) == 6 and [len(line.split()) for line in lines[2:]] == [7, 6, 9, 6], proc.stdout
     proc = script("bench_layers.py", "--sizes", "1e3", "--layers", "relu", "linear", "--rounds", "1")
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.splitlines()) == 3 and proc.stdout.count("x") >= 4
@@ -64,7 +68,8 @@ def test_device_check_passes_on_cpu_and_refuses_a_missing_gpu():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("argv", [["bench_layers.py", "--rounds", "0"], ["bench_overhead.py", "--steps", "100"],
-                                  ["device_check.py", "--procs", "0"], ["count_overhead.py", "--steps", "500", "300"]],
+                                  ["device_check.py", "--procs", "0"], ["count_overhead.py", "--steps", "500", "300"],
+                                  ["checkpoint_steps.py", "--steps", "100"]],
                          ids=lambda a: a[0])
 def test_bad_arguments_are_one_error_line(argv):
     proc = script(*argv)

@@ -204,7 +204,7 @@ class Frames:
 
 def die_with(parent: int) -> None:
     """Be killed when the training process dies, even by kill -9 (Linux's ``PR_SET_PDEATHSIG``), so that no write
-    goes on behind a resume; elsewhere the writer ends at the end of its stdin, after the write in hand."""
+    goes on behind a resume; elsewhere the writer ends when its stdin does, and a write cut short leaves nothing."""
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG = 1
