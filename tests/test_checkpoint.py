@@ -251,6 +251,17 @@ def test_a_writer_process_that_dies_stops_the_run_with_one_error_at_the_next_sav
     assert checkpoint.Checkpoints(tmp_path).load()[0]["step"] == 1
 
 
+def test_a_writer_process_that_cannot_start_is_one_error_line_suggesting_synchronous_saves(tmp_path, monkeypatch,
+                                                                                            capsys):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    code = main(["run", str(QUICKSTART), f"log.dir={tmp_path}", "log.progress=false", *RUN, "train.checkpoint_every=5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: could not start the checkpoint writer process (FileNotFoundError: ") and \
+        "set train.async_checkpoint: false to write checkpoints in the training process" in err
+    assert not (tmp_path / "quickstart" / "version_0" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_a_run_whose_dataloader_workers_were_forked_after_the_writer_started_ends(tmp_path):
     """Persistent validation workers forked after the first save hold the writer's stdin open: fit still ends."""
