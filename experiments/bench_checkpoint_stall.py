@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer import checkpoint
+from trainer import checkpoint, disk
 
 
 class WriterProcess:
@@ -46,14 +46,14 @@ class WriterProcess:
 
 
 def streamed(state: dict, path: Path) -> str:
-    return checkpoint.atomic_write(path, lambda f: checkpoint.save_hashed(state, f))
+    return disk.atomic_write(path, lambda f: checkpoint.save_hashed(state, f))
 
 
 def in_memory(state: dict, path: Path) -> str:
     buf = io.BytesIO()
     torch.save(state, buf)
     data = buf.getvalue()
-    checkpoint.atomic_write(path, lambda f: f.write(data))
+    disk.atomic_write(path, lambda f: f.write(data))
     return hashlib.sha256(data).hexdigest()
 
 

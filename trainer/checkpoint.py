@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from trainer import disk
-from trainer.disk import BEST, LAST, atomic_write  # noqa: F401  (also this module's public names)
+from trainer.disk import BEST, LAST  # noqa: F401  (BEST: also this module's public name)
 from trainer.errors import ConfigError
 from trainer.snapshot import HostBuffers, host_copy  # noqa: F401  (host_copy: also this module's public name)
 
@@ -204,10 +204,6 @@ class Checkpoints:
             self._lock = lock_run_dir(self.dir.parent)
             self.leftovers = self.remove_temporary_files()  # no other process writes here while the lock is held
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
-
     def manifest(self) -> dict[str, Any]:
         return disk.read_manifest(self.dir)
 
@@ -280,9 +276,6 @@ class Checkpoints:
                     removed.append(p.name)
         return sorted(removed)
 
-    def step_files(self) -> list[Path]:
-        return disk.step_files(self.dir)
-
     def load(self) -> tuple[dict[str, Any], Path, list[str]]:
         """The newest checkpoint that verifies, its path, and one line per newer file that did not.
 
@@ -295,7 +288,7 @@ class Checkpoints:
         manifest = self.manifest()
         known = {name: entry.get("sha256") for name, entry in manifest["files"].items() if isinstance(entry, dict)}
         last = manifest.get("last") if isinstance(manifest.get("last"), dict) else {}
-        candidates = sorted(self.step_files(), key=disk.step_of, reverse=True) + [self.dir / LAST]
+        candidates = disk.step_files(self.dir) + [self.dir / LAST]
         problems = []
         for path in candidates:
             if not path.is_file():

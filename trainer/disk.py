@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, TypeVar
 
 LAST = "last.pt"
 BEST = "best.pt"
+MANIFEST = "manifest.json"
 FRAME = struct.Struct("<q")  # a frame's length
 END, ABANDONED = 0, -1
 CHUNK = 1 << 20  # the writer reads a long frame in pieces of at most this size
@@ -88,13 +89,14 @@ def step_of(path: Path) -> int:
 
 
 def step_files(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("step_*.pt") if step_of(p) >= 0]
+    """The ``step_<N>.pt`` files in ``folder``, newest first."""
+    return sorted((p for p in folder.glob("step_*.pt") if step_of(p) >= 0), key=step_of, reverse=True)
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """``manifest.json``'s contents, or an empty manifest when it is missing or unreadable."""
     try:
-        data = json.loads((folder / "manifest.json").read_text())
+        data = json.loads((folder / MANIFEST).read_text())
         return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {"files": {}}
     except (OSError, ValueError):
         return {"files": {}}
@@ -135,11 +137,11 @@ class Folder:
             manifest["last"] = entry
             if best:
                 manifest["best"] = entry
-            old = sorted(step_files(self.dir), key=step_of, reverse=True)[self.keep:]
+            old = step_files(self.dir)[self.keep:]
             for p in old:
                 manifest["files"].pop(p.name, None)
             text = json.dumps(manifest, indent=1).encode()
-            atomic_write(self.dir / "manifest.json", lambda f: f.write(text), self.owner)
+            atomic_write(self.dir / MANIFEST, lambda f: f.write(text), self.owner)
             atomic_link(path, self.dir / LAST, self.owner)
             if best:
                 atomic_link(path, self.dir / BEST, self.owner)
